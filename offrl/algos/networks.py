@@ -1,0 +1,149 @@
+"""Networks and observation normalization (pure torch; no Ray, no simulator).
+
+Shapes: observations ``[B, obs_dim]``, actions ``[B, act_dim]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+def mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """A plain MLP: Linear-act-...-Linear."""
+    act = _ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), act()]
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class RunningNorm(nn.Module):
+    """Observation normalizer: running mean/variance (Chan et al. parallel update), stored as buffers.
+
+    ``normalize(x) = clip((x - mean) / sqrt(var + eps), -clip, clip)``. The statistics are saved with
+    the checkpoint (``normalizer.safetensors``) so a policy always sees the inputs it was trained on.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0.0, dtype=torch.float64))
+        self.eps = eps
+        self.clip = clip
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch ``[B, dim]`` into the running statistics."""
+        x = x.detach().to(torch.float64).reshape(-1, self.mean.shape[0])
+        b = x.shape[0]
+        if b == 0:
+            return
+        bm, bv = x.mean(0), x.var(0, unbiased=False)
+        tot = self.count + b
+        delta = bm - self.mean
+        self.mean += delta * b / tot
+        # M2 = var*count; merged M2 = M2_a + M2_b + delta^2 * n_a n_b / n
+        self.var.copy_((self.var * self.count + bv * b + delta.pow(2) * self.count * b / tot) / tot)
+        self.count.copy_(tot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count.item() == 0:
+            return x
+        y = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + self.eps)
+        return y.clamp(-self.clip, self.clip)
+
+
+class GaussianActor(nn.Module):
+    """Gaussian MLP policy ``a ~ N(mu(s), diag(exp(log_std)))`` with a state-independent log std.
+
+    Sampled actions are mapped into the action bounds by clipping (``squash="clip"``, log-prob of the
+    unclipped sample, as in PPO implementations) or by ``tanh`` (log-prob with the change-of-variables
+    correction ``- sum log(1 - tanh(u)^2)``, as in SAC). ``deterministic`` returns the mean.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
+                 log_std_init: float = -0.5, squash: str = "clip", action_low: Sequence[float] | None = None,
+                 action_high: Sequence[float] | None = None):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
+        self.normalizer = RunningNorm(obs_dim)
+        self.net = mlp(obs_dim, act_dim, hidden, activation)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
+        low = torch.as_tensor(action_low if action_low is not None else [-1.0] * act_dim, dtype=torch.float32)
+        high = torch.as_tensor(action_high if action_high is not None else [1.0] * act_dim, dtype=torch.float32)
+        self.register_buffer("action_low", low)
+        self.register_buffer("action_high", high)
+
+    def _scale(self, u: torch.Tensor) -> torch.Tensor:
+        """Map a value in [-1, 1] to the action bounds."""
+        return self.action_low + (u + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+    def _unscale(self, a: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (a - self.action_low) / (self.action_high - self.action_low) - 1.0
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mu = self.net(self.normalizer(obs))
+        return torch.distributions.Normal(mu, self.log_std.exp().expand_as(mu))
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) summed over action dims, ``[B]``."""
+        d = self.dist(obs)
+        u = self._unscale(actions)
+        if self.squash == "tanh":
+            u = u.clamp(-1 + 1e-6, 1 - 1e-6)
+            pre = torch.atanh(u)
+            return (d.log_prob(pre) - torch.log(1 - u.pow(2) + 1e-6)).sum(-1)
+        return d.log_prob(u).sum(-1)
+
+    def entropy(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).entropy().sum(-1)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample (or take the mean of) the policy; returns (actions in bounds ``[B, act_dim]``, log-prob ``[B]``)."""
+        d = self.dist(obs)
+        if deterministic:
+            pre = d.mean
+        else:
+            noise = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype)
+            pre = d.mean + d.stddev * noise
+        if self.squash == "tanh":
+            u = torch.tanh(pre)
+            logp = (d.log_prob(pre) - torch.log(1 - u.pow(2) + 1e-6)).sum(-1)
+        else:
+            logp = d.log_prob(pre).sum(-1)
+            u = pre.clamp(-1.0, 1.0)
+        return self._scale(u), logp
+
+
+def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:
+    """Weights as numpy arrays: cheap to ship to Ray actors (numpy is shared, tensors are pickled)."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state_dict(module: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
+    """Orthogonal weights and zero biases (common for PPO-style MLPs)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.orthogonal_(m.weight, gain)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,356 @@
+"""Experiment configuration: one frozen dataclass per component, composed into :class:`ExperimentConfig`.
+
+Configs are loaded from YAML, overridden from the command line with ``key.sub=value`` and validated
+with errors that name the key path (:class:`offrl.errors.ConfigError`). Every field documents itself
+through ``metadata["help"]``; ``offrl config keys`` prints them all.
+
+Later stages (data, pretraining, finetuning, sweeps) add their own component dataclasses here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from offrl.errors import ConfigError, OffrlError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _sub(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().splitlines()[0]})
+
+
+class _Checked:
+    """Mixin: ``check()`` raises ConfigError(field, message) on bad values; the loader adds the path."""
+
+    def check(self) -> None:  # pragma: no cover - overridden
+        pass
+
+
+@dataclass(frozen=True)
+class EnvConfig(_Checked):
+    """Simulator: which task and how it is built (ManiSkill CPU or GPU backend)."""
+
+    id: str = _f("PickCube-v1", "ManiSkill task id, e.g. PickCube-v1.")
+    backend: Literal["cpu", "gpu"] = _f(
+        "cpu", "cpu: K single-env physx_cpu instances in one process; gpu: one physx_cuda env with num_envs.")
+    num_envs: int = _f(4, "Envs per SimHost actor (K CPU instances, or N parallel GPU envs such as 512).")
+    control_mode: str = _f("pd_ee_delta_pos", "ManiSkill controller, e.g. pd_ee_delta_pos or pd_joint_delta_pos.")
+    obs_mode: str = _f("state", "ManiSkill observation mode (state observations are flattened vectors).")
+    reward_mode: Literal["sparse", "dense", "normalized_dense", "none"] = _f(
+        "normalized_dense", "ManiSkill reward mode.")
+    max_episode_steps: int = _f(50, "Time limit tracked by offrl (ManiSkill's counter is not in saved states).")
+    sim_config: dict = _f({}, "Extra sim_config passed to gym.make (advanced).")
+
+    def check(self) -> None:
+        if self.num_envs < 1:
+            raise ConfigError("num_envs", f"must be >= 1, got {self.num_envs}")
+        if self.max_episode_steps < 1:
+            raise ConfigError("max_episode_steps", f"must be >= 1, got {self.max_episode_steps}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig(_Checked):
+    """Ray cluster and SimHost pool: where simulators run and how many."""
+
+    address: Optional[str] = _f(None, "Ray address to join ('auto' for a running cluster); null starts a local one.")
+    num_cpus: Optional[int] = _f(None, "CPUs for a local cluster (null: all cores).")
+    num_hosts: int = _f(0, "SimHost actors; 0 sizes the pool to the cluster's free CPUs (or GPUs for backend gpu).")
+    cpus_per_host: float = _f(1.0, "CPUs reserved by each SimHost actor.")
+    gpus_per_host: float = _f(0.0, "GPUs reserved by each SimHost actor (backend gpu defaults to 1 when 0).")
+    max_restarts: int = _f(3, "Times a killed SimHost is restarted (its interrupted call is redone).")
+    torch_threads: int = _f(1, "torch threads inside each SimHost (1 avoids oversubscribing cores).")
+
+    def check(self) -> None:
+        if self.num_hosts < 0:
+            raise ConfigError("num_hosts", f"must be >= 0, got {self.num_hosts}")
+        if self.cpus_per_host < 0 or self.gpus_per_host < 0:
+            raise ConfigError("cpus_per_host", "resource amounts must be >= 0")
+        if self.max_restarts < 0:
+            raise ConfigError("max_restarts", f"must be >= 0, got {self.max_restarts}")
+        if self.torch_threads < 1:
+            raise ConfigError("torch_threads", f"must be >= 1, got {self.torch_threads}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig(_Checked):
+    """Gaussian MLP policy on state observations."""
+
+    hidden: tuple[int, ...] = _f((256, 256), "Hidden layer widths.")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = _f("relu", "Hidden activation.")
+    log_std_init: float = _f(-0.5, "Initial log standard deviation of the Gaussian.")
+    squash: Literal["clip", "tanh"] = _f("clip", "How sampled actions are mapped into the action bounds.")
+
+    def check(self) -> None:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig(_Checked):
+    """Rollout job: roll the policy out on every SimHost and log episode statistics."""
+
+    iterations: int = _f(3, "Rollout rounds (each round: every SimHost runs steps_per_iter steps).")
+    steps_per_iter: int = _f(100, "Env steps per env per round, run inside the actor in one call.")
+    deterministic: bool = _f(False, "Use the Gaussian mean instead of sampling.")
+    policy: Literal["mlp", "random"] = _f("mlp", "mlp: the (randomly initialised) Gaussian MLP; random: uniform actions.")
+
+    def check(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError("iterations", f"must be >= 1, got {self.iterations}")
+        if self.steps_per_iter < 1:
+            raise ConfigError("steps_per_iter", f"must be >= 1, got {self.steps_per_iter}")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Checked):
+    """Run directory: runs/<experiment>/<trial>/ with config, meta, metrics, TensorBoard, checkpoints."""
+
+    root: str = _f("runs", "Parent folder of all experiments.")
+    experiment: str = _f("default", "Experiment name (folder under root).")
+    trial: Optional[str] = _f(None, "Trial name (folder under the experiment); null: a timestamp.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files.")
+    progress: bool = _f(True, "Show progress bars.")
+
+    def check(self) -> None:
+        for name in ("experiment", "trial"):
+            v = getattr(self, name)
+            if v is not None and (not v or "/" in v or v in (".", "..")):
+                raise ConfigError(name, f"must be a plain folder name, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(_Checked):
+    """A whole experiment."""
+
+    seed: int = _f(0, "Master seed: env resets, network init and sampling derive from it.")
+    env: EnvConfig = _sub(EnvConfig)
+    cluster: ClusterConfig = _sub(ClusterConfig)
+    policy: PolicyConfig = _sub(PolicyConfig)
+    rollout: RolloutConfig = _sub(RolloutConfig)
+    run: RunConfig = _sub(RunConfig)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError:
+                pass
+        raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+        elem = typing.get_args(tp)[0]
+        return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            close = [n for n in sorted(names) if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(sorted(names))})"
+            raise ConfigError(path, f"unknown key{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path)
+    obj = cls(**kwargs)
+    try:
+        obj.check()
+    except ConfigError as e:
+        path = f"{prefix}.{e.path}" if prefix else e.path
+        raise ConfigError(path, str(e).split("': ", 1)[1]) from None
+    return obj
+
+
+def from_dict(data: dict, cls: type = ExperimentConfig) -> Any:
+    """Build and validate a config from a nested dict."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"the top level must be a mapping, got {type(data).__name__}")
+    return _build(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value); the value is read as YAML (``4``, ``true``, ``[64, 64]``)."""
+    if "=" not in text:
+        raise ConfigError("", f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError("", f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides to a nested dict (a deep copy is returned)."""
+    import copy
+
+    data = copy.deepcopy(data) if data else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section; cannot set a sub-key")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with clear errors for a missing, unreadable or malformed file."""
+    p = Path(path)
+    if not p.exists():
+        raise OffrlError(f"config file not found: {p}")
+    if p.is_dir():
+        raise OffrlError(f"config path is a folder, not a YAML file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise OffrlError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OffrlError(f"cannot read config file {p}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OffrlError(f"{p}: the top level must be a mapping of config sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = ExperimentConfig) -> Any:
+    """Load a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data, cls)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def iter_keys(cls: type = ExperimentConfig, prefix: str = ""):
+    """Yield (key path, type description, default, help) for every leaf key: the documentation of the config."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, path)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            default = list(default)
+        yield path, _describe(tp), default, f.metadata.get("help", "")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that accepts dotted keys: replace(cfg, **{"env.num_envs": 2})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for k, v in changes.items():
+        if "." in k:
+            head, rest = k.split(".", 1)
+            nested.setdefault(head, {})[rest] = v
+        else:
+            flat[k] = v
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)

@@ -1,0 +1,334 @@
+"""ManiSkill backends of :class:`offrl.envs.base.BatchedSim`.
+
+* :class:`ManiSkillCPUSim`: ``K`` single-env ``physx_cpu`` instances in one process (ManiSkill refuses
+  ``num_envs > 1`` on the CPU backend).
+* :class:`ManiSkillGPUSim`: one ``physx_cuda`` env with ``num_envs = N`` (e.g. 512), partial resets by
+  ``env_idx``. Needs CUDA; tested behind the ``gpu`` marker.
+
+Both track episode steps and time limits themselves: ManiSkill's elapsed-step counter is not part of
+its saved state, so a restored snapshot would otherwise inherit the wrong counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from offrl.errors import OffrlError
+
+# ManiSkill logs a warning on every CPU env creation about the missing CUDA render device.
+logging.getLogger("mani_skill").setLevel(logging.ERROR)
+
+
+def _import_maniskill():
+    warnings.filterwarnings("ignore", module="mani_skill")
+    warnings.filterwarnings("ignore", category=UserWarning, module="gymnasium")
+    import gymnasium as gym
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+
+    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    return gym
+
+
+def list_tasks() -> list[str]:
+    """ManiSkill task ids known to gymnasium's registry."""
+    gym = _import_maniskill()
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return sorted(REGISTERED_ENVS) if REGISTERED_ENVS else sorted(gym.registry)
+
+
+def _to_np(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, dict):
+        return {k: _to_np(v) for k, v in x.items()}
+    return np.asarray(x)
+
+
+def _stack_states(states: list[dict]) -> dict:
+    """Concatenate per-env state dicts (each with batch dim 1) along the batch dim."""
+    out = {}
+    for k, v in states[0].items():
+        if isinstance(v, dict):
+            out[k] = _stack_states([s[k] for s in states])
+        else:
+            out[k] = np.concatenate([s[k] for s in states], axis=0)
+    return out
+
+
+def _index_state(state: dict, i: Any) -> dict:
+    return {k: (_index_state(v, i) if isinstance(v, dict) else v[i]) for k, v in state.items()}
+
+
+def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_mode: str, obs_mode: str,
+                       reward_mode: str, sim_config: Optional[dict] = None, extra: Optional[dict] = None):
+    """``gym.make`` a ManiSkill task and return its unwrapped env; unknown ids raise OffrlError."""
+    gym = _import_maniskill()
+    if env_id not in gym.registry:
+        known = [t for t in gym.registry if "-v" in t and not t.startswith(("CartPole", "Acrobot"))]
+        close = [t for t in known if t.lower().startswith(env_id.lower()[:4])][:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise OffrlError(f"unknown env id '{env_id}'{hint}")
+    kwargs: dict[str, Any] = dict(num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
+                                  reward_mode=reward_mode, sim_backend=sim_backend, render_mode=None)
+    if obs_mode.startswith("state"):
+        kwargs["render_backend"] = "none"  # no camera needed: skips the render device (SAPIEN still needs Vulkan)
+    if sim_config:
+        kwargs["sim_config"] = sim_config
+    kwargs.update(extra or {})
+    try:
+        env = gym.make(env_id, **kwargs)
+    except (AssertionError, ValueError, KeyError, NotImplementedError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OffrlError(f"cannot build {env_id} (control_mode={control_mode}, obs_mode={obs_mode}, "
+                         f"reward_mode={reward_mode}, sim_backend={sim_backend}): {msg}") from None
+    except RuntimeError as e:
+        if "rendering device" in str(e) or "Vulkan" in str(e) or "vk::" in str(e):
+            raise OffrlError("SAPIEN found no usable Vulkan device; run scripts/setup_system.sh "
+                             "(Mesa >= 24.3 lavapipe on CPU machines)") from None
+        raise
+    u = env.unwrapped
+    space = u.single_observation_space
+    if not (hasattr(space, "shape") and space.shape is not None and len(space.shape) == 1):
+        env.close()
+        raise OffrlError(f"obs_mode '{obs_mode}' gives non-vector observations; offrl needs obs_mode=state")
+    return u
+
+
+class _TimeLimit:
+    """Per-env step counters, episode seeds and the time limit (shared by both backends)."""
+
+    def __init__(self, num_envs: int, max_episode_steps: int):
+        self.max_episode_steps = int(max_episode_steps)
+        self.elapsed = np.zeros(num_envs, dtype=np.int64)
+        self.rng = np.random.default_rng(0)
+
+    def next_seeds(self, n: int) -> list[int]:
+        return [int(s) for s in self.rng.integers(0, 2**31 - 1, size=n)]
+
+
+class ManiSkillCPUSim:
+    """``K`` single-env ``physx_cpu`` ManiSkill instances stepped one after another in this process."""
+
+    backend = "cpu"
+
+    def __init__(self, env_id: str = "PickCube-v1", num_envs: int = 1, control_mode: str = "pd_ee_delta_pos",
+                 obs_mode: str = "state", reward_mode: str = "normalized_dense", max_episode_steps: int = 50,
+                 sim_config: Optional[dict] = None, autoreset: bool = True):
+        self.env_id = env_id
+        self.num_envs = int(num_envs)
+        self.autoreset = autoreset
+        self.envs = [make_maniskill_env(env_id, num_envs=1, sim_backend="physx_cpu", control_mode=control_mode,
+                                        obs_mode=obs_mode, reward_mode=reward_mode, sim_config=sim_config)
+                     for _ in range(self.num_envs)]
+        u = self.envs[0]
+        self.obs_dim = int(u.single_observation_space.shape[0])
+        self.act_dim = int(u.single_action_space.shape[0])
+        self.action_low = np.asarray(u.single_action_space.low, dtype=np.float32)
+        self.action_high = np.asarray(u.single_action_space.high, dtype=np.float32)
+        self._tl = _TimeLimit(self.num_envs, max_episode_steps)
+        self.max_episode_steps = self._tl.max_episode_steps
+        self.env_kwargs = dict(control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
+                               sim_backend="physx_cpu")
+        self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
+
+    # -- helpers
+    def _reset_one(self, i: int, seed: int) -> np.ndarray:
+        obs, _ = self.envs[i].reset(seed=seed)
+        self._tl.elapsed[i] = 0
+        self._obs[i] = _to_np(obs)[0]
+        return self._obs[i]
+
+    @property
+    def elapsed_steps(self) -> np.ndarray:
+        return self._tl.elapsed.copy()
+
+    @property
+    def raw_envs(self) -> list:
+        """The unwrapped ManiSkill envs (for privileged scripted experts)."""
+        return self.envs
+
+    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+        base = int(seed) if seed is not None else int(self._tl.rng.integers(0, 2**31 - 1))
+        self._tl.rng = np.random.default_rng(base + 10_007)
+        for i in range(self.num_envs):
+            self._reset_one(i, base + i)
+        return self._obs.copy()
+
+    def step(self, actions: np.ndarray):
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (self.num_envs, self.act_dim):
+            raise ValueError(f"actions must have shape {(self.num_envs, self.act_dim)}, got {actions.shape}")
+        n = self.num_envs
+        rew = np.zeros(n, np.float32)
+        term = np.zeros(n, bool)
+        succ = np.zeros(n, bool)
+        obs = np.empty((n, self.obs_dim), np.float32)
+        for i, env in enumerate(self.envs):
+            o, r, te, _tr, info = env.step(actions[i : i + 1])
+            obs[i] = _to_np(o)[0]
+            rew[i] = float(_to_np(r).reshape(-1)[0])
+            term[i] = bool(_to_np(te).reshape(-1)[0])
+            if "success" in info:
+                succ[i] = bool(_to_np(info["success"]).reshape(-1)[0])
+        self._tl.elapsed += 1
+        elapsed = self._tl.elapsed.copy()
+        trunc = (elapsed >= self._tl.max_episode_steps) & ~term
+        done = term | trunc
+        final_obs = obs.copy()
+        self._obs[:] = obs
+        if self.autoreset and done.any():
+            seeds = self._tl.next_seeds(int(done.sum()))
+            for i, s in zip(np.flatnonzero(done), seeds):
+                obs[i] = self._reset_one(int(i), s)
+        info = {"success": succ, "final_obs": final_obs, "done": done, "elapsed_steps": elapsed}
+        return obs, rew, term, trunc, info
+
+    def get_state(self, env_ids: Optional[Sequence[int]] = None) -> dict:
+        ids = range(self.num_envs) if env_ids is None else env_ids
+        sim = _stack_states([_to_np(self.envs[i].get_state_dict()) for i in ids])
+        return {"sim": sim, "elapsed_steps": self._tl.elapsed[list(ids)].copy(),
+                "obs": self._obs[list(ids)].copy()}
+
+    def set_state(self, state: dict, env_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        import torch
+
+        ids = list(range(self.num_envs) if env_ids is None else env_ids)
+        for j, i in enumerate(ids):
+            one = _index_state(state["sim"], slice(j, j + 1))
+            self.envs[i].set_state_dict(_to_torch(one, torch))
+            self._tl.elapsed[i] = int(state["elapsed_steps"][j])
+            self._obs[i] = _to_np(self.envs[i].get_obs())[0]
+        return self._obs[ids].copy()
+
+    def close(self) -> None:
+        for e in self.envs:
+            e.close()
+        self.envs = []
+
+
+def _to_torch(state: dict, torch: Any, device: Any = None) -> dict:
+    return {k: (_to_torch(v, torch, device) if isinstance(v, dict) else torch.as_tensor(v, device=device))
+            for k, v in state.items()}
+
+
+class ManiSkillGPUSim:
+    """One ``physx_cuda`` ManiSkill env with ``num_envs`` parallel sub-scenes (e.g. 512)."""
+
+    backend = "gpu"
+
+    def __init__(self, env_id: str = "PickCube-v1", num_envs: int = 512, control_mode: str = "pd_ee_delta_pos",
+                 obs_mode: str = "state", reward_mode: str = "normalized_dense", max_episode_steps: int = 50,
+                 sim_config: Optional[dict] = None, autoreset: bool = True):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OffrlError("env.backend=gpu needs a CUDA GPU (ManiSkill physx_cuda); none is visible here")
+        self.torch = torch
+        self.env_id = env_id
+        self.num_envs = int(num_envs)
+        self.autoreset = autoreset
+        self.env = make_maniskill_env(env_id, num_envs=self.num_envs, sim_backend="physx_cuda",
+                                      control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
+                                      sim_config=sim_config)
+        u = self.env
+        self.device = u.device
+        self.obs_dim = int(u.single_observation_space.shape[0])
+        self.act_dim = int(u.single_action_space.shape[0])
+        self.action_low = np.asarray(u.single_action_space.low, dtype=np.float32)
+        self.action_high = np.asarray(u.single_action_space.high, dtype=np.float32)
+        self._tl = _TimeLimit(self.num_envs, max_episode_steps)
+        self.max_episode_steps = self._tl.max_episode_steps
+        self.env_kwargs = dict(control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
+                               sim_backend="physx_cuda")
+        self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
+
+    @property
+    def elapsed_steps(self) -> np.ndarray:
+        return self._tl.elapsed.copy()
+
+    @property
+    def raw_envs(self) -> list:
+        return [self.env]
+
+    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+        base = int(seed) if seed is not None else int(self._tl.rng.integers(0, 2**31 - 1))
+        self._tl.rng = np.random.default_rng(base + 10_007)
+        obs, _ = self.env.reset(seed=[base + i for i in range(self.num_envs)])
+        self._tl.elapsed[:] = 0
+        self._obs[:] = _to_np(obs)
+        return self._obs.copy()
+
+    def step(self, actions: np.ndarray):
+        torch = self.torch
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (self.num_envs, self.act_dim):
+            raise ValueError(f"actions must have shape {(self.num_envs, self.act_dim)}, got {actions.shape}")
+        o, r, te, _tr, info = self.env.step(torch.as_tensor(actions, device=self.device))
+        obs = _to_np(o).astype(np.float32)
+        rew = _to_np(r).astype(np.float32).reshape(-1)
+        term = _to_np(te).astype(bool).reshape(-1)
+        succ = _to_np(info["success"]).astype(bool).reshape(-1) if "success" in info else np.zeros_like(term)
+        self._tl.elapsed += 1
+        elapsed = self._tl.elapsed.copy()
+        trunc = (elapsed >= self._tl.max_episode_steps) & ~term
+        done = term | trunc
+        final_obs = obs.copy()
+        self._obs[:] = obs
+        if self.autoreset and done.any():
+            idx = np.flatnonzero(done)
+            seeds = self._tl.next_seeds(len(idx))
+            o2, _ = self.env.reset(seed=seeds, options={"env_idx": torch.as_tensor(idx, device=self.device)})
+            o2 = _to_np(o2)
+            obs[idx] = o2[idx] if o2.shape[0] == self.num_envs else o2
+            self._tl.elapsed[idx] = 0
+            self._obs[:] = obs
+        info = {"success": succ, "final_obs": final_obs, "done": done, "elapsed_steps": elapsed}
+        return obs, rew, term, trunc, info
+
+    def get_state(self, env_ids: Optional[Sequence[int]] = None) -> dict:
+        full = _to_np(self.env.get_state_dict())
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids)
+        return {"sim": _index_state(full, ids), "elapsed_steps": self._tl.elapsed[ids].copy(),
+                "obs": self._obs[ids].copy()}
+
+    def set_state(self, state: dict, env_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        torch = self.torch
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids)
+        full = _to_np(self.env.get_state_dict())
+
+        def put(dst: dict, src: dict) -> None:
+            for k, v in src.items():
+                if isinstance(v, dict):
+                    put(dst[k], v)
+                else:
+                    dst[k][ids] = v
+
+        put(full, state["sim"])
+        self.env.set_state_dict(_to_torch(full, torch, self.device))
+        self._tl.elapsed[ids] = state["elapsed_steps"]
+        self._obs[:] = _to_np(self.env.get_obs())
+        return self._obs[ids].copy()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_sim(env_cfg: Any, autoreset: bool = True):
+    """Build the BatchedSim an :class:`offrl.config.EnvConfig` describes."""
+    cls = ManiSkillGPUSim if env_cfg.backend == "gpu" else ManiSkillCPUSim
+    return cls(env_id=env_cfg.id, num_envs=env_cfg.num_envs, control_mode=env_cfg.control_mode,
+               obs_mode=env_cfg.obs_mode, reward_mode=env_cfg.reward_mode,
+               max_episode_steps=env_cfg.max_episode_steps, sim_config=dict(env_cfg.sim_config) or None,
+               autoreset=autoreset)
+
+
+# Silence SAPIEN's render-device chatter in subprocesses too.
+os.environ.setdefault("SAPIEN_NO_DISPLAY", "1")

@@ -1,0 +1,49 @@
+"""Metric names, defined once. Loggers refuse names that are not declared here.
+
+Namespaces: ``eval/`` deterministic evaluation, ``rollout/`` episodes of the behaviour policy,
+``train/`` and ``losses/`` optimisation, ``charts/`` diagnostics, ``time/`` throughput.
+"""
+
+from __future__ import annotations
+
+# evaluation
+EVAL_SUCCESS_RATE = "eval/success_rate"
+EVAL_SUCCESS_ONCE = "eval/success_once"
+EVAL_RETURN = "eval/return"
+EVAL_EPISODE_LENGTH = "eval/episode_length"
+
+# episodes finished by rollouts of the behaviour policy
+ROLLOUT_SUCCESS_RATE = "rollout/success_rate"
+ROLLOUT_SUCCESS_ONCE = "rollout/success_once"
+ROLLOUT_RETURN = "rollout/return"
+ROLLOUT_EPISODE_LENGTH = "rollout/episode_length"
+ROLLOUT_EPISODES = "rollout/episodes"
+
+# optimisation
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+VAL_LOSS = "train/val_loss"
+POLICY_LOSS = "losses/policy_loss"
+VALUE_LOSS = "losses/value_loss"
+APPROX_KL = "losses/approx_kl"
+CLIPFRAC = "losses/clipfrac"
+
+# diagnostics
+ADVANTAGE_MEAN = "charts/advantage_mean"
+ADVANTAGE_STD = "charts/advantage_std"
+POS_RATIO = "charts/pos_ratio"
+
+# throughput
+ENV_SPS = "time/env_sps"
+REROLLOUT_SPS = "time/rerollout_sps"
+ITERATION_SECONDS = "time/iteration_seconds"
+ENV_STEPS = "time/env_steps"
+
+ALL: frozenset[str] = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str))
+
+
+def check(name: str) -> str:
+    """Return ``name`` if it is a declared metric, else raise KeyError (a programming error)."""
+    if name not in ALL:
+        raise KeyError(f"metric '{name}' is not declared in offrl.metrics")
+    return name

@@ -1,0 +1,40 @@
+"""Starting or joining a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from offrl.errors import OffrlError
+
+
+def init_ray(cluster_cfg: Any = None, quiet: bool = True) -> dict:
+    """Join ``cluster.address`` or start a local cluster (``cluster.num_cpus`` CPUs); returns its resources.
+
+    Idempotent: an already initialised Ray is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    address = getattr(cluster_cfg, "address", None)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet,
+                                  configure_logging=True, logging_level="ERROR")
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            num_cpus = getattr(cluster_cfg, "num_cpus", None)
+            ray.init(num_cpus=num_cpus, **kwargs)
+    except ConnectionError as e:
+        raise OffrlError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
