@@ -115,6 +115,26 @@ class RolloutConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class CollectConfig(_Checked):
+    """Scripted-expert demonstration collection (offrl collect)."""
+
+    output: str = _f("datasets/PickCube-v1_expert.h5", "Dataset file to write (HDF5 + JSON sidecar beside it).")
+    episodes: int = _f(100, "Episodes to keep (successful ones unless keep_failures).")
+    expert: str = _f("auto", "Scripted expert name; auto picks the one registered for env.id.")
+    action_noise: float = _f(0.0, "Std of Gaussian noise added to expert actions (suboptimal data).")
+    keep_failures: bool = _f(False, "Also keep failed episodes (labelled success=false).")
+    max_attempts: int = _f(0, "Give up after this many episodes; 0 means 3x episodes + 10.")
+
+    def check(self) -> None:
+        if self.episodes < 1:
+            raise ConfigError("episodes", f"must be >= 1, got {self.episodes}")
+        if self.action_noise < 0:
+            raise ConfigError("action_noise", f"must be >= 0, got {self.action_noise}")
+        if self.max_attempts < 0:
+            raise ConfigError("max_attempts", f"must be >= 0, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
 class RunConfig(_Checked):
     """Run directory: runs/<experiment>/<trial>/ with config, meta, metrics, TensorBoard, checkpoints."""
 
@@ -140,6 +160,7 @@ class ExperimentConfig(_Checked):
     cluster: ClusterConfig = _sub(ClusterConfig)
     policy: PolicyConfig = _sub(PolicyConfig)
     rollout: RolloutConfig = _sub(RolloutConfig)
+    collect: CollectConfig = _sub(CollectConfig)
     run: RunConfig = _sub(RunConfig)
 
 

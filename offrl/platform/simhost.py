@@ -74,6 +74,14 @@ class SimHostImpl:
         out["host"] = self.host_index
         return out
 
+    def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(host, *args, **kwargs)`` inside the actor (``fn`` must be a module-level function).
+
+        Lets later stages (data collection, MC re-rollouts, evaluation) run whole loops next to the sim
+        without growing this class; ``host.sim`` is the BatchedSim, ``host.obs`` its current observation.
+        """
+        return fn(self, *args, **kwargs)
+
     def snapshot(self, env_ids: Optional[Sequence[int]] = None) -> dict:
         return self.sim.get_state(env_ids)
 
@@ -166,6 +174,13 @@ class SimHostPool:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` on every host with the same arguments."""
         return self._get([getattr(h, method).remote(*args, **kwargs) for h in self.hosts])
+
+    def apply(self, fn: Any, args_per_host: Optional[list[tuple]] = None, **kwargs: Any) -> list:
+        """``fn(host, *args_per_host[i], **kwargs)`` on every host i (see :meth:`SimHostImpl.apply`)."""
+        args_per_host = args_per_host or [() for _ in self.hosts]
+        if len(args_per_host) != len(self.hosts):
+            raise ValueError(f"need {len(self.hosts)} argument tuples, got {len(args_per_host)}")
+        return self._get([h.apply.remote(fn, *a, **kwargs) for h, a in zip(self.hosts, args_per_host)])
 
     def pids(self) -> list[int]:
         return self.call("pid")

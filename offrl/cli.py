@@ -1,0 +1,150 @@
+"""Command line: ``python -m offrl <command>`` (also the ``offrl`` console script).
+
+User mistakes print one line (``offrl: error: ...``) and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+from offrl.errors import OffrlError
+
+EXIT_USAGE = 2
+
+_OVERRIDES_HELP = ("config overrides key.sub=value, values read as YAML "
+                   "(e.g. env.num_envs=2 policy.hidden=[64,64]); `offrl config keys` lists every key")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="experiment YAML file (e.g. tune_configs/quickstart.yaml)")
+    else:
+        p.add_argument("config", nargs="?", default=None, help="experiment YAML file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+
+
+def _load(args: argparse.Namespace):
+    from pathlib import Path
+
+    from offrl.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config] + overrides  # `offrl config show key=value` without a file
+    return load_config(config, overrides)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from offrl.platform.jobs import run_rollout_job
+
+    cfg = _load(args)
+    run_rollout_job(cfg)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from offrl.config import to_dict
+
+    cfg = _load(args)
+    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from offrl.config import iter_keys
+
+    rows = list(iter_keys())
+    width = max(len(k) for k, *_ in rows)
+    for key, tp, default, help_ in rows:
+        if args.prefix and not key.startswith(args.prefix):
+            continue
+        print(f"{key:<{width}}  {help_}\n{'':<{width}}  type: {tp}; default: {default!r}")
+    return 0
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    from offrl.envs.maniskill import list_tasks
+
+    for t in list_tasks():
+        if not args.filter or args.filter.lower() in t.lower():
+            print(t)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="offrl", description="offrl: offline and offline-to-online RL on ManiSkill, scaled with Ray.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Run `offrl <command> --help` for the options of a command.")
+    p.add_argument("--version", action="version", version=f"offrl {__import__('offrl').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub.required = True
+
+    r = sub.add_parser("rollout", help="roll a policy out on SimHost actors and write a run directory",
+                       description="Start (or join) a Ray cluster, build the task in SimHost actors, roll the "
+                                   "policy out and write runs/<experiment>/<trial>/ with config.yaml, meta.json, "
+                                   "metrics.csv, TensorBoard events and a checkpoint of the policy.")
+    _add_config_args(r)
+    r.set_defaults(func=cmd_rollout)
+
+    c = sub.add_parser("config", help="show the resolved config or document every key",
+                       description="Inspect configuration.")
+    csub = c.add_subparsers(dest="config_command", metavar="<subcommand>", parser_class=_Parser)
+    csub.required = True
+    cs = csub.add_parser("show", help="print the resolved config (YAML + overrides + defaults)",
+                         description="Print the resolved, validated config as YAML.")
+    _add_config_args(cs, required=False)
+    cs.set_defaults(func=cmd_config_show)
+    ck = csub.add_parser("keys", help="list every config key with its type, default and meaning",
+                         description="List every config key with its type, default and meaning.")
+    ck.add_argument("--prefix", default="", help="only keys starting with this prefix, e.g. env.")
+    ck.set_defaults(func=cmd_config_keys)
+
+    e = sub.add_parser("envs", help="list the ManiSkill task ids", description="List the registered ManiSkill task ids.")
+    e.add_argument("--filter", default="", help="only ids containing this text (case-insensitive)")
+    e.set_defaults(func=cmd_envs)
+
+    # Later stages register their own commands (collect, data, inspect, pretrain, eval, finetune, ...).
+    for mod in _COMMAND_MODULES:
+        __import__(mod, fromlist=["register"]).register(sub)
+    return p
+
+
+# Modules with a ``register(subparsers)`` function adding their commands; each defines its own
+# ``func`` per command and raises OffrlError for user mistakes.
+_COMMAND_MODULES: list[str] = []
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except OffrlError as e:
+        sys.stderr.write(f"offrl: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("offrl: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
