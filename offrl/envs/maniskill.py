@@ -67,15 +67,21 @@ def _index_state(state: dict, i: Any) -> dict:
     return {k: (_index_state(v, i) if isinstance(v, dict) else v[i]) for k, v in state.items()}
 
 
-def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_mode: str, obs_mode: str,
-                       reward_mode: str, sim_config: Optional[dict] = None, extra: Optional[dict] = None):
-    """``gym.make`` a ManiSkill task and return its unwrapped env; unknown ids raise OffrlError."""
+def check_env_id(env_id: str) -> None:
+    """Raise OffrlError naming ``env_id`` when ManiSkill does not know it (cheap: no simulator is built)."""
     gym = _import_maniskill()
     if env_id not in gym.registry:
         known = [t for t in gym.registry if "-v" in t and not t.startswith(("CartPole", "Acrobot"))]
         close = [t for t in known if t.lower().startswith(env_id.lower()[:4])][:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise OffrlError(f"unknown env id '{env_id}'{hint}")
+
+
+def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_mode: str, obs_mode: str,
+                       reward_mode: str, sim_config: Optional[dict] = None, extra: Optional[dict] = None):
+    """``gym.make`` a ManiSkill task and return its unwrapped env; unknown ids raise OffrlError."""
+    gym = _import_maniskill()
+    check_env_id(env_id)
     kwargs: dict[str, Any] = dict(num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
                                   reward_mode=reward_mode, sim_backend=sim_backend, render_mode=None)
     if obs_mode.startswith("state"):

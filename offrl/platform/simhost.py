@@ -10,6 +10,7 @@ re-seeding the sim) and redoes the call, so the caller still receives a complete
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Optional, Sequence
 
@@ -114,6 +115,9 @@ class SimHostPool:
 
         if not ray.is_initialized():
             raise RuntimeError("call offrl.platform.cluster.init_ray() first")
+        from offrl.envs.maniskill import check_env_id
+
+        check_env_id(env_cfg.id)  # fail fast in the driver, before any actor starts
         self.env_cfg, self.cluster_cfg = env_cfg, cluster_cfg
         gpu = env_cfg.backend == "gpu"
         cpus = float(cluster_cfg.cpus_per_host)
@@ -153,6 +157,9 @@ class SimHostPool:
         try:
             return ray.get(refs)
         except RayActorError as e:
+            m = re.search(r"OffrlError: ([^\n]+)", str(e))
+            if m:  # the actor's constructor refused the config (e.g. a bad control mode)
+                raise OffrlError(m.group(1).strip()) from None
             raise OffrlError(f"a SimHost died and could not be restarted "
                              f"(cluster.max_restarts={self.cluster_cfg.max_restarts}): {str(e).splitlines()[0]}") from None
         except RayTaskError as e:

@@ -1,0 +1,207 @@
+"""Scripted experts that use privileged simulator state, and the task -> expert registry.
+
+An expert is a small state machine over the privileged poses of one task (for PickCube-v1: the
+tool-centre point, the cube and the goal). Its core, :meth:`ScriptedExpert.act`, is vectorised numpy
+over a batch of envs, so one expert serves three callers:
+
+* :func:`make_expert` wraps it as an offrl policy ``policy(obs [N, d], sim) -> (actions [N, a], logprob [N])``
+  for any :class:`offrl.envs.BatchedSim` (``build_policy({"kind": "expert", ...})`` uses it);
+* data collection (:mod:`offrl.data.collect`) drives one unwrapped ManiSkill env per episode;
+* tests call it directly.
+
+Action noise (for suboptimal data) is Gaussian, added after the state machine, then clipped to the
+action bounds; its generator is seeded, so a noisy expert is still deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from offrl.errors import OffrlError
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class ScriptedExpert:
+    """Base class: a batch of ``n`` per-env state machines with optional Gaussian action noise."""
+
+    #: the ManiSkill controller the expert's actions are meant for
+    control_mode: str = ""
+    #: action dimension
+    act_dim: int = 0
+
+    def __init__(self, n: int = 1, action_noise: float = 0.0, seed: int = 0):
+        if action_noise < 0:
+            raise OffrlError(f"expert action_noise must be >= 0, got {action_noise}")
+        self.n = int(n)
+        self.action_noise = float(action_noise)
+        self.rng = np.random.default_rng(seed)
+        self.phase = np.zeros(self.n, np.int64)
+        self.counter = np.zeros(self.n, np.int64)
+
+    def reset(self, mask: Optional[np.ndarray] = None) -> None:
+        """Restart the state machine of the envs in ``mask`` (all by default)."""
+        m = slice(None) if mask is None else np.asarray(mask, bool)
+        self.phase[m] = 0
+        self.counter[m] = 0
+
+    def seed(self, seed: int) -> None:
+        """Reseed the noise generator (data collection reseeds per episode)."""
+        self.rng = np.random.default_rng(seed)
+
+    def privileged(self, env: Any) -> dict[str, np.ndarray]:
+        """The privileged state the expert reads from one unwrapped ManiSkill env, as ``[b, ...]`` arrays."""
+        raise NotImplementedError
+
+    def clean_action(self, s: dict[str, np.ndarray]) -> np.ndarray:
+        """Noise-free actions ``[n, act_dim]`` for the privileged state ``s``; advances the state machines."""
+        raise NotImplementedError
+
+    def act(self, s: dict[str, np.ndarray]) -> np.ndarray:
+        """Actions ``[n, act_dim]`` float32 in [-1, 1]: the state machine's plus clipped Gaussian noise."""
+        a = self.clean_action(s)
+        if self.action_noise > 0:
+            a = a + self.rng.normal(0.0, self.action_noise, size=a.shape)
+        return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+class PickCubeExpert(ScriptedExpert):
+    """PickCube-v1 in ``pd_ee_delta_pos``: hover above the cube, descend, close, lift, carry to the goal, hold.
+
+    Actions are ``[dx, dy, dz, gripper]``; the controller maps ``dx = 1`` to a 0.1 m target offset, and the
+    gripper is open at ``+1`` and closed at ``-1``. Each phase moves the tool-centre point (TCP) towards a
+    target with a proportional step ``clip(gain * (target - tcp) / 0.1, -1, 1)``.
+    """
+
+    control_mode = "pd_ee_delta_pos"
+    act_dim = 4
+
+    HOVER, DESCEND, CLOSE, LIFT, CARRY = range(5)
+    hover_height = 0.05    # m above the cube centre before descending
+    xy_tol = 0.006         # m: the TCP is above the cube
+    z_tol = 0.005          # m: the TCP is at the cube centre
+    close_steps = 3        # control steps with the gripper closing before lifting
+    lift_height = 0.05     # m: lift the cube this far before carrying it sideways
+    drop_dist = 0.04       # m: the cube this far from the TCP while carried counts as dropped (grasp again)
+    max_step = {HOVER: 1.0, DESCEND: 0.6, CLOSE: 0.0, LIFT: 0.8, CARRY: 0.6}  # cap on |a_xyz|, per phase
+
+    def __init__(self, n: int = 1, action_noise: float = 0.0, seed: int = 0, gain: float = 1.5):
+        super().__init__(n, action_noise, seed)
+        self.gain = float(gain)
+        self.anchor = np.zeros((self.n, 3))   # where the gripper closed
+        self.offset = np.zeros((self.n, 3))   # TCP minus cube centre when the cube was lifted
+
+    def privileged(self, env: Any) -> dict[str, np.ndarray]:
+        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": _np(env.goal_site.pose.p)}
+
+    def _move(self, tcp: np.ndarray, target: np.ndarray, cap: float) -> np.ndarray:
+        d = self.gain * (target - tcp) / 0.1
+        norm = np.linalg.norm(d)
+        return d * (cap / norm) if norm > cap else d
+
+    def clean_action(self, s: dict[str, np.ndarray]) -> np.ndarray:
+        a = np.zeros((self.n, 4))
+        for i in range(self.n):
+            a[i] = self._step_one(i, s["tcp"][i], s["cube"][i], s["goal"][i])
+        return a
+
+    def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        ph = self.phase[i]
+        if ph in (self.LIFT, self.CARRY) and np.linalg.norm(tcp - cube) > self.drop_dist:
+            ph = self.HOVER  # dropped: grasp again
+        if ph == self.HOVER:
+            target = cube + [0.0, 0.0, self.hover_height]
+            if np.linalg.norm((cube - tcp)[:2]) < self.xy_tol:
+                ph = self.DESCEND
+        if ph == self.DESCEND:
+            # straight down over the cube; re-centre in xy on the way
+            target = cube.copy()
+            if abs(tcp[2] - cube[2]) < self.z_tol:
+                ph, self.counter[i], self.anchor[i] = self.CLOSE, 0, tcp
+        if ph == self.CLOSE:
+            target = self.anchor[i]
+            self.counter[i] += 1
+            if self.counter[i] > self.close_steps:
+                ph, self.offset[i] = self.LIFT, tcp - cube
+        if ph == self.LIFT:
+            lift_to = max(goal[2], cube[2] + self.lift_height) + self.offset[i, 2]
+            target = np.array([tcp[0], tcp[1], lift_to])
+            if tcp[2] > lift_to - 0.01 or goal[2] < cube[2] + self.lift_height:
+                ph = self.CARRY
+        if ph == self.CARRY:
+            target = goal + self.offset[i]  # carry the cube centre (not the TCP) onto the goal
+        self.phase[i] = ph
+        out = np.empty(4)
+        out[:3] = self._move(tcp, target, self.max_step[ph])
+        out[3] = 1.0 if ph in (self.HOVER, self.DESCEND) else -1.0
+        return out
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+#: expert name -> class
+EXPERTS: dict[str, type[ScriptedExpert]] = {"pickcube": PickCubeExpert}
+
+#: ManiSkill env id -> name of the expert that solves it
+TASK_EXPERTS: dict[str, str] = {"PickCube-v1": "pickcube"}
+
+
+def expert_for_env(env_id: str) -> str:
+    """The expert registered for ``env_id``; unknown ids raise OffrlError listing the supported ones."""
+    if env_id not in TASK_EXPERTS:
+        raise OffrlError(f"no scripted expert for env '{env_id}' (experts exist for: {', '.join(sorted(TASK_EXPERTS))})")
+    return TASK_EXPERTS[env_id]
+
+
+def expert_class(name: str) -> type[ScriptedExpert]:
+    """The expert class called ``name``; unknown names raise OffrlError."""
+    if name not in EXPERTS:
+        raise OffrlError(f"unknown expert '{name}' (known: {', '.join(sorted(EXPERTS))})")
+    return EXPERTS[name]
+
+
+def check_control_mode(name: str, control_mode: str) -> None:
+    """Refuse a controller the expert was not written for."""
+    cls = expert_class(name)
+    if control_mode != cls.control_mode:
+        raise OffrlError(f"expert '{name}' acts in control_mode {cls.control_mode}, but env.control_mode is {control_mode}")
+
+
+class ExpertPolicy:
+    """An expert as an offrl policy on a BatchedSim: ``policy(obs [N, d], sim) -> (actions [N, a], logprob [N])``.
+
+    Envs whose ``sim.elapsed_steps`` is 0 (just reset, or auto-reset after the previous step) restart
+    their state machine. ``logprob`` is zero: the expert is not a distribution.
+    """
+
+    def __init__(self, expert: ScriptedExpert):
+        self.expert = expert
+
+    def gather(self, sim: Any) -> dict[str, np.ndarray]:
+        """Privileged state of all ``sim.num_envs`` envs, concatenated over ``sim.raw_envs``."""
+        parts = [self.expert.privileged(env) for env in sim.raw_envs]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    def __call__(self, obs: np.ndarray, sim: Any) -> tuple[np.ndarray, np.ndarray]:
+        fresh = np.asarray(sim.elapsed_steps) == 0
+        if fresh.any():
+            self.expert.reset(fresh)
+        a = self.expert.act(self.gather(sim))
+        return a, np.zeros(a.shape[0], np.float32)
+
+
+def make_expert(name: str, sim: Any, action_noise: float = 0.0, seed: int = 0, **kwargs: Any) -> Callable:
+    """The expert ``name`` (``"auto"``: the one registered for ``sim.env_id``) as a policy for ``sim``."""
+    if name == "auto":
+        name = expert_for_env(getattr(sim, "env_id", ""))
+    cls = expert_class(name)
+    control_mode = getattr(sim, "env_kwargs", {}).get("control_mode")
+    if control_mode is not None:
+        check_control_mode(name, control_mode)
+    return ExpertPolicy(cls(sim.num_envs, action_noise=action_noise, seed=seed, **kwargs))

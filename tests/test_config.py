@@ -1,0 +1,79 @@
+import pytest
+import yaml
+
+from offrl.config import (ExperimentConfig, apply_overrides, from_dict, iter_keys, load_config, save_config,
+                          to_dict)
+from offrl.errors import ConfigError, OffrlError
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = load_config()
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.env.id == "PickCube-v1"
+    with pytest.raises(Exception):
+        cfg.env.num_envs = 3  # frozen
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("env:\n  num_envs: 3\npolicy:\n  hidden: [8, 8]\n")
+    cfg = load_config(p, ["env.num_envs=5", "cluster.cpus_per_host=2", "run.trial=abc", "env.sim_config={a: 1}"])
+    assert cfg.env.num_envs == 5
+    assert cfg.policy.hidden == (8, 8)
+    assert cfg.cluster.cpus_per_host == 2.0 and isinstance(cfg.cluster.cpus_per_host, float)
+    assert cfg.run.trial == "abc"
+    assert cfg.env.sim_config == {"a": 1}
+
+
+@pytest.mark.parametrize("override, path, words", [
+    ("env.nme=x", "env.nme", "unknown key"),
+    ("bogus=1", "bogus", "unknown key"),
+    ("env.num_envs=abc", "env.num_envs", "expected an integer"),
+    ("env.num_envs=1.5", "env.num_envs", "expected an integer"),
+    ("env.num_envs=0", "env.num_envs", "must be >= 1"),
+    ("env.backend=tpu", "env.backend", "one of 'cpu', 'gpu'"),
+    ("run.tensorboard=maybe", "run.tensorboard", "true or false"),
+    ("policy.hidden=[4,x]", "policy.hidden[1]", "expected an integer"),
+    ("env=3", "env", "mapping"),
+    ("run.experiment=a/b", "run.experiment", "plain folder name"),
+])
+def test_errors_name_the_key_path(override, path, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.path == path
+    assert f"'{path}'" in str(e.value) and words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_into_value_is_refused():
+    with pytest.raises(ConfigError, match="env.id"):
+        apply_overrides({}, ["env.id=x", "env.id.sub=1"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(OffrlError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env: [unclosed\n")
+    with pytest.raises(OffrlError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(OffrlError, match="mapping"):
+        load_config(lst)
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(None, ["env.num_envs=7", "policy.hidden=[16]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["policy"]["hidden"] == [16]
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_every_key_is_documented():
+    keys = list(iter_keys())
+    assert len(keys) > 20
+    for key, tp, default, help_ in keys:
+        assert help_, f"config key {key} has no help text"
