@@ -18,6 +18,9 @@ def init_ray(cluster_cfg: Any = None, quiet: bool = True) -> dict:
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray starts worker processes at nice 15; SimHosts are the compute, so a local cluster runs them
+    # at normal priority (a shared machine would otherwise starve them first).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = getattr(cluster_cfg, "address", None)
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet,

@@ -19,6 +19,15 @@ import numpy as np
 from offrl.errors import OffrlError
 
 
+def _normal_priority() -> None:
+    """Undo Ray's worker niceness (15) where allowed: simulators are the work, not a background chore."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError):
+        pass
+
+
 class SimHostImpl:
     """The body of a SimHost actor; also usable in-process (no Ray) for unit tests and benchmarks."""
 
@@ -26,6 +35,7 @@ class SimHostImpl:
         import torch
 
         torch.set_num_threads(int(torch_threads))
+        _normal_priority()
         from offrl.config import EnvConfig, from_dict
         from offrl.envs import make_sim
         from offrl.platform.rollout import EpisodeTracker
