@@ -123,7 +123,21 @@ class CollectConfig(_Checked):
     expert: str = _f("auto", "Scripted expert name; auto picks the one registered for env.id.")
     action_noise: float = _f(0.0, "Std of Gaussian noise added to expert actions (suboptimal data).")
     keep_failures: bool = _f(False, "Also keep failed episodes (labelled success=false).")
-    max_attempts: int = _f(0, "Give up after this many episodes; 0 means 3x episodes + 10.")
+    max_attempts: int = _f(0, "Give up after this many episodes; 0 means 3x episodes + 10 (episodes with keep_failures).")
+    first_seed: Optional[int] = _f(
+        None, "Episode attempt i resets with seed first_seed + i; null: 1000000 * seed (the master seed).")
+    max_steps: int = _f(0, "Actions per episode before truncation; 0 means env.max_episode_steps.")
+    cube_xy_range: Optional[tuple[float, ...]] = _f(
+        None, "Cube centre [xmin, xmax, ymin, ymax] in metres; null: the task's own ([-0.1, 0.1, -0.1, 0.1] "
+              "for PickCube-v1). Custom ranges replay with --use-first-env-state.")
+    goal_xy_range: Optional[tuple[float, ...]] = _f(
+        None, "Goal [xmin, xmax, ymin, ymax] in metres; null: the task's own ([-0.1, 0.1, -0.1, 0.1]).")
+    goal_z_range: Optional[tuple[float, ...]] = _f(
+        None, "Goal height [zmin, zmax] in metres above the table; null: the task's own ([0.02, 0.32]).")
+    chunk_size: int = _f(
+        10, "Consecutive attempts per actor call; each call starts from a freshly built scene, which makes the "
+            "data independent of the number of actors (for a given chunk_size).")
+    overwrite: bool = _f(False, "Replace an existing output dataset.")
 
     def check(self) -> None:
         if self.episodes < 1:
@@ -132,6 +146,20 @@ class CollectConfig(_Checked):
             raise ConfigError("action_noise", f"must be >= 0, got {self.action_noise}")
         if self.max_attempts < 0:
             raise ConfigError("max_attempts", f"must be >= 0, got {self.max_attempts}")
+        if self.max_steps < 0:
+            raise ConfigError("max_steps", f"must be >= 0, got {self.max_steps}")
+        if self.chunk_size < 1:
+            raise ConfigError("chunk_size", f"must be >= 1, got {self.chunk_size}")
+        if self.first_seed is not None and self.first_seed < 0:
+            raise ConfigError("first_seed", f"must be >= 0, got {self.first_seed}")
+        for name, n in (("cube_xy_range", 4), ("goal_xy_range", 4), ("goal_z_range", 2)):
+            r = getattr(self, name)
+            if r is None:
+                continue
+            if len(r) != n:
+                raise ConfigError(name, f"needs {n} numbers, got {list(r)}")
+            if any(lo > hi for lo, hi in zip(r[::2], r[1::2])):
+                raise ConfigError(name, f"each min must be <= its max, got {list(r)}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +189,9 @@ class ExperimentConfig(_Checked):
     policy: PolicyConfig = _sub(PolicyConfig)
     rollout: RolloutConfig = _sub(RolloutConfig)
     collect: CollectConfig = _sub(CollectConfig)
+    critic: CriticConfig = _sub(CriticConfig)
+    pretrain: PretrainConfig = _sub(PretrainConfig)
+    eval: EvalConfig = _sub(EvalConfig)
     run: RunConfig = _sub(RunConfig)
 
 

@@ -94,7 +94,7 @@ class GaussianActor(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mu = self.net(self.normalizer(obs))
-        return torch.distributions.Normal(mu, self.log_std.exp().expand_as(mu))
+        return torch.distributions.Normal(mu, self.log_std.exp().expand_as(mu), validate_args=False)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) summed over action dims, ``[B]``."""

@@ -1,0 +1,144 @@
+"""The offline pretraining learner: BC / advantage-weighted actor and MC / expectile (IQL, SARSA) critics.
+
+One learner covers every ``pretrain.algo``:
+
+==============  =====================================  ==================================
+algo            critics                                actor
+==============  =====================================  ==================================
+bc              --                                     max log pi(a|s)
+critic_mc       V, Q regress on MC returns G_t         --
+iql             expectile V (tau), TD Q                max exp(beta A) log pi(a|s)
+sarsa           expectile V (tau = 0.5), TD Q          max exp(beta A) log pi(a|s)
+bc+<critic>     as <critic>                            max log pi(a|s)
+==============  =====================================  ==================================
+
+Batch contract (``[B]``-shaped unless noted): obs ``[B, d]``, actions ``[B, a]``, rewards,
+next_obs ``[B, d]``, terminated, truncated, mc_return.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from offrl.algos.bc import bc_loss
+from offrl.algos.critics import (Critics, awr_weights, iql_q_loss, iql_value_loss, mc_critic_loss, td_target)
+from offrl.algos.networks import GaussianActor
+from offrl.errors import OffrlError
+
+
+class OfflineLearner:
+    """Networks + optimizers for offline pretraining; ``update(batch) -> metrics``; exact-resume state."""
+
+    def __init__(self, actor: Optional[GaussianActor], critics: Optional[Critics], *, actor_mode: Optional[str],
+                 critic_mode: Optional[str], tau: float = 0.7, gamma: float = 0.8, beta: float = 3.0,
+                 max_weight: float = 100.0, target_tau: float = 0.005, actor_lr: float = 3e-4,
+                 critic_lr: float = 3e-4, bc_loss: str = "mle", grad_clip: float = 1.0, seed: int = 0):
+        if actor_mode == "awr" and critics is None:
+            raise ValueError("advantage-weighted actor needs critics")
+        self.actor, self.critics = actor, critics
+        self.actor_mode, self.critic_mode = actor_mode, critic_mode
+        self.tau, self.gamma, self.beta, self.max_weight = tau, gamma, beta, max_weight
+        self.target_tau, self.bc_kind, self.grad_clip = target_tau, bc_loss, grad_clip
+        self.actor_opt = torch.optim.Adam(actor.parameters(), lr=actor_lr) if actor is not None and actor_mode else None
+        self.critic_opt = None
+        if critics is not None and critic_mode:
+            params = list(critics.v.parameters()) + list(critics.q.parameters())
+            self.critic_opt = torch.optim.Adam(params, lr=critic_lr)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.step = 0
+
+    # ------------------------------------------------------------------ data
+    def fit_normalizers(self, obs: torch.Tensor) -> None:
+        """Set observation statistics from the training data (before the first update)."""
+        if self.actor is not None:
+            self.actor.normalizer.update(obs)
+        if self.critics is not None:
+            self.critics.update_normalizers(obs)
+
+    def permutation(self, n: int) -> torch.Tensor:
+        """A shuffled index order drawn from the learner's own generator (saved in checkpoints)."""
+        return torch.randperm(n, generator=self.gen)
+
+    # ---------------------------------------------------------------- update
+    def _opt_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise OffrlError(f"{what} loss became {float(loss)} at step {self.step}; "
+                             "lower the learning rate or check the dataset for extreme values")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(params, self.grad_clip)
+        opt.step()
+
+    def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        m: dict[str, float] = {}
+        c = self.critics
+        if self.critic_opt is not None:
+            if self.critic_mode == "mc":
+                loss, cm = mc_critic_loss(c, batch["obs"], batch["actions"], batch["mc_return"])
+                self._opt_step(self.critic_opt, loss, self.critic_opt.param_groups[0]["params"], "critic")
+            else:
+                v_loss, vm = iql_value_loss(c, batch["obs"], batch["actions"], self.tau)
+                q_loss, qm = iql_q_loss(c, batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
+                                        batch["terminated"], self.gamma)
+                self._opt_step(self.critic_opt, v_loss + q_loss, self.critic_opt.param_groups[0]["params"], "critic")
+                cm = {**vm, **qm}
+            c.polyak(self.target_tau if self.critic_mode != "mc" else 1.0)
+            m.update(cm)
+        if self.actor_opt is not None:
+            if self.actor_mode == "bc":
+                loss, am = bc_loss(self.actor, batch["obs"], batch["actions"], self.bc_kind)
+                m["actor_loss"] = am["loss"]
+            else:
+                adv = c.advantage(batch["obs"], batch["actions"])
+                w = awr_weights(adv, self.beta, self.max_weight)
+                loss = -(w * self.actor.log_prob(batch["obs"], batch["actions"])).mean()
+                m.update(actor_loss=float(loss.detach()), adv_mean=float(adv.mean()), adv_std=float(adv.std()),
+                         weight_mean=float(w.mean()))
+            self._opt_step(self.actor_opt, loss, self.actor.parameters(), "actor")
+        self.step += 1
+        return m
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def validate(self, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out metrics on ``data``: actor NLL/MSE, critic TD error and MC error, mean Q, V, advantage."""
+        out: dict[str, float] = {}
+        if self.actor is not None:
+            self.actor.eval()
+            loss, _ = bc_loss(self.actor, data["obs"], data["actions"], self.bc_kind)
+            out["actor_val_loss"] = float(loss)
+            self.actor.train()
+        if self.critics is not None:
+            c = self.critics
+            v = c.v(data["obs"])
+            q = c.q.min(data["obs"], data["actions"])
+            y = td_target(data["rewards"], c.v(data["next_obs"]), data["terminated"], self.gamma)
+            out.update(td_error=float((q - y).pow(2).mean()), v_mean=float(v.mean()), q_mean=float(q.mean()),
+                       mc_error=float((v - data["mc_return"]).pow(2).mean()),
+                       adv_mean=float((q - v).mean()), adv_std=float((q - v).std()) if q.numel() > 1 else 0.0)
+        return out
+
+    # ------------------------------------------------------------ checkpoint
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {}
+        if self.actor is not None:
+            mods["actor"] = self.actor
+        if self.critics is not None:
+            mods["critics"] = self.critics
+        return mods
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: o for k, o in (("actor", self.actor_opt), ("critics", self.critic_opt)) if o is not None}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"learner": self.gen}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"learner_step": self.step}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state.get("learner_step", 0))
