@@ -162,6 +162,107 @@ class CollectConfig(_Checked):
                 raise ConfigError(name, f"each min must be <= its max, got {list(r)}")
 
 
+PRETRAIN_ALGOS = ("bc", "critic_mc", "iql", "sarsa", "bc+critic_mc", "bc+iql", "bc+sarsa")
+
+
+@dataclass(frozen=True)
+class CriticConfig(_Checked):
+    """Critic networks: V(s) and Q(s, a) MLPs on state observations."""
+
+    hidden: tuple[int, ...] = _f((256, 256), "Hidden layer widths of V and Q.")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = _f("relu", "Hidden activation.")
+    twin_q: bool = _f(True, "Two Q heads, min over them (clipped double Q).")
+
+    def check(self) -> None:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(_Checked):
+    """Offline pretraining (offrl pretrain): behaviour cloning and critic pretraining."""
+
+    dataset: str = _f("datasets/PickCube-v1_expert.h5", "ManiSkill-format dataset to train on.")
+    algo: str = _f("bc", "bc | critic_mc | iql | sarsa | bc+critic_mc | bc+iql | bc+sarsa "
+                         "(iql/sarsa alone also extract a policy by advantage weighting).")
+    num_episodes: Optional[int] = _f(None, "Use only the first N episodes of the dataset (null: all).")
+    reward: Literal["dataset", "sparse", "dense", "normalized_dense"] = _f(
+        "dataset", "Reward the critics learn: the dataset's main reward, or a stored reward mode.")
+    epochs: int = _f(50, "Passes over the training transitions.")
+    batch_size: int = _f(256, "Minibatch size.")
+    actor_lr: float = _f(3e-4, "Adam learning rate of the actor.")
+    critic_lr: float = _f(3e-4, "Adam learning rate of the critics.")
+    bc_loss: Literal["mle", "mse"] = _f("mle", "BC loss: Gaussian log-likelihood or MSE of the mean.")
+    gamma: float = _f(0.8, "Discount (ManiSkill episodes are short; 0.8 is common).")
+    expectile: float = _f(0.7, "IQL expectile tau for V (sarsa always uses 0.5).")
+    beta: float = _f(3.0, "Policy extraction weight exp(beta * A) (iql / sarsa actor).")
+    max_weight: float = _f(100.0, "Clip of exp(beta * A).")
+    target_tau: float = _f(0.005, "Polyak rate of the target Q network.")
+    grad_clip: float = _f(1.0, "Max gradient norm (0 disables).")
+    val_fraction: float = _f(0.1, "Fraction of episodes held out for validation (split by episode).")
+    eval_every: int = _f(0, "Evaluate in simulation every K epochs (0: only after training).")
+    eval_episodes: int = _f(20, "Episodes per evaluation during and after training.")
+    checkpoint_every: int = _f(10, "Checkpoint every K epochs (and at the end).")
+    keep_checkpoints: int = _f(3, "Periodic checkpoints to keep (the best one is kept apart).")
+
+    def check(self) -> None:
+        if self.algo not in PRETRAIN_ALGOS:
+            raise ConfigError("algo", f"expected one of {', '.join(PRETRAIN_ALGOS)}, got {self.algo!r}")
+        for name in ("epochs", "batch_size", "eval_episodes", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_episodes is not None and self.num_episodes < 1:
+            raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError("gamma", f"must be in (0, 1], got {self.gamma}")
+        if not 0.0 < self.expectile < 1.0:
+            raise ConfigError("expectile", f"must be in (0, 1), got {self.expectile}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.eval_every < 0:
+            raise ConfigError("eval_every", f"must be >= 0, got {self.eval_every}")
+        for name in ("actor_lr", "critic_lr", "max_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+
+    @property
+    def trains_actor(self) -> bool:
+        return self.algo in ("bc", "iql", "sarsa") or self.algo.startswith("bc+")
+
+    @property
+    def critic_mode(self) -> Optional[str]:
+        """None, "mc" or "expectile"."""
+        if "critic_mc" in self.algo:
+            return "mc"
+        if "iql" in self.algo or "sarsa" in self.algo:
+            return "expectile"
+        return None
+
+    @property
+    def actor_mode(self) -> Optional[str]:
+        """None, "bc" or "awr" (advantage-weighted extraction for iql / sarsa alone)."""
+        if self.algo.startswith("bc"):
+            return "bc"
+        return "awr" if self.algo in ("iql", "sarsa") else None
+
+    @property
+    def tau(self) -> float:
+        return 0.5 if "sarsa" in self.algo else self.expectile
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Checked):
+    """Evaluation in simulation (offrl eval and evaluation during training)."""
+
+    episodes: int = _f(50, "Episodes to evaluate (offrl eval).")
+    seed: int = _f(1_000_000_000, "First evaluation seed; episode j uses seed + j (apart from collection seeds).")
+    deterministic: bool = _f(True, "Act with the policy mean.")
+
+    def check(self) -> None:
+        if self.episodes < 1:
+            raise ConfigError("episodes", f"must be >= 1, got {self.episodes}")
+
+
 @dataclass(frozen=True)
 class RunConfig(_Checked):
     """Run directory: runs/<experiment>/<trial>/ with config, meta, metrics, TensorBoard, checkpoints."""
