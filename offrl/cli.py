@@ -55,6 +55,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from offrl.platform.pretrain import run_pretrain_job
+
+    cfg = _load(args)
+    parts = [p.strip() for p in args.init_parts.split(",")] if args.init_parts else None
+    run_pretrain_job(cfg, resume=args.resume, init_from=args.init_from, init_parts=parts)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from offrl.platform.pretrain import run_eval_job
+
+    run_eval_job(args.checkpoint, episodes=args.episodes, seed=args.seed, overrides=args.overrides, out=args.out)
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -103,6 +119,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(r)
     r.set_defaults(func=cmd_rollout)
 
+    pt = sub.add_parser("pretrain", help="offline pretraining: BC, critic_mc, IQL, SARSA (and bc+critic combos)",
+                        description="Train a policy and/or critics offline on a ManiSkill-format dataset "
+                                    "(pretrain.dataset), evaluate the policy on SimHost actors, and write a run "
+                                    "directory with metrics, checkpoints/<epoch>/, checkpoints/best/ and eval.json.")
+    _add_config_args(pt)
+    pt.add_argument("--resume", action="store_true",
+                    help="continue run.trial from its latest checkpoint (same config; exact continuation)")
+    pt.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                    help="initialise networks from this checkpoint (a checkpoint folder or a run directory)")
+    pt.add_argument("--init-parts", metavar="PARTS", default=None,
+                    help="comma-separated parts to load with --init-from: actor, critics (default: all present here)")
+    pt.set_defaults(func=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint's policy in simulation with fixed seeds",
+                        description="Run the checkpoint's actor on SimHost actors for N episodes with fixed "
+                                    "evaluation seeds (eval.seed + j). Reports success_once, success_at_end, return "
+                                    "and episode length with 95%% confidence intervals and writes eval.json into "
+                                    "the run directory.")
+    ev.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder, or run directory (latest checkpoint)")
+    ev.add_argument("--episodes", type=int, default=None, help="episodes to run (default: eval.episodes)")
+    ev.add_argument("--seed", type=int, default=None, help="first evaluation seed (default: eval.seed)")
+    ev.add_argument("--out", default=None, help="where to write the JSON (default: <run dir>/eval.json)")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="overrides of the checkpoint's config, e.g. env.num_envs=8 cluster.num_hosts=2 "
+                         "eval.deterministic=false")
+    ev.set_defaults(func=cmd_eval)
+
     c = sub.add_parser("config", help="show the resolved config or document every key",
                        description="Inspect configuration.")
     csub = c.add_subparsers(dest="config_command", metavar="<subcommand>", parser_class=_Parser)
@@ -128,13 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules with a ``register(subparsers)`` function adding their commands; each defines its own
 # ``func`` per command and raises OffrlError for user mistakes.
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["offrl.data.cli"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after options (`offrl eval RUN --episodes 5 env.num_envs=2`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

@@ -188,7 +188,9 @@ class PretrainConfig(_Checked):
     num_episodes: Optional[int] = _f(None, "Use only the first N episodes of the dataset (null: all).")
     reward: Literal["dataset", "sparse", "dense", "normalized_dense"] = _f(
         "dataset", "Reward the critics learn: the dataset's main reward, or a stored reward mode.")
-    epochs: int = _f(50, "Passes over the training transitions.")
+    epochs: int = _f(50, "Training epochs (metrics, validation and checkpoints are per epoch).")
+    steps_per_epoch: int = _f(0, "Gradient steps per epoch; 0 means one pass over the training transitions. "
+                                 "Fix it to compare datasets of different sizes at equal compute.")
     batch_size: int = _f(256, "Minibatch size.")
     actor_lr: float = _f(3e-4, "Adam learning rate of the actor.")
     critic_lr: float = _f(3e-4, "Adam learning rate of the critics.")
@@ -211,6 +213,8 @@ class PretrainConfig(_Checked):
         for name in ("epochs", "batch_size", "eval_episodes", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_epoch < 0:
+            raise ConfigError("steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
         if self.num_episodes is not None and self.num_episodes < 1:
             raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
         if not 0.0 < self.gamma <= 1.0:
@@ -342,6 +346,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         elem = typing.get_args(tp)[0]
         return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)

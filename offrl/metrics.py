@@ -28,6 +28,22 @@ VALUE_LOSS = "losses/value_loss"
 APPROX_KL = "losses/approx_kl"
 CLIPFRAC = "losses/clipfrac"
 
+# offline pretraining (step = epoch)
+TRAIN_ACTOR_LOSS = "train/actor_loss"
+TRAIN_V_LOSS = "train/v_loss"
+TRAIN_Q_LOSS = "train/q_loss"
+TRAIN_Q_MEAN = "train/q_mean"
+TRAIN_V_MEAN = "train/v_mean"
+TRAIN_WEIGHT_MEAN = "train/awr_weight_mean"
+TRAIN_GRAD_STEPS = "train/grad_steps"
+VAL_ACTOR_LOSS = "val/actor_loss"
+VAL_TD_ERROR = "val/td_error"
+VAL_MC_ERROR = "val/mc_error"
+VAL_Q_MEAN = "val/q_mean"
+VAL_V_MEAN = "val/v_mean"
+VAL_ADVANTAGE_MEAN = "val/advantage_mean"
+VAL_ADVANTAGE_STD = "val/advantage_std"
+
 # diagnostics
 ADVANTAGE_MEAN = "charts/advantage_mean"
 ADVANTAGE_STD = "charts/advantage_std"

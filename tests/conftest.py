@@ -58,3 +58,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300):
 
     return subprocess.run([sys.executable, "-m", "offrl", *args], cwd=str(cwd or ROOT), capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def expert_dataset(ray_cluster, tmp_path_factory):
+    """20 scripted-expert PickCube-v1 episodes (pd_ee_delta_pos), collected once per session."""
+    from offrl.config import load_config
+    from offrl.data.collect import collect
+
+    out = tmp_path_factory.mktemp("data") / "pickcube_20.h5"
+    cfg = load_config(None, ["collect.episodes=20", f"collect.output={out}", "run.progress=false",
+                             "env.num_envs=2"])
+    collect(cfg, progress=False)
+    return out

@@ -1,0 +1,278 @@
+"""Offline pretraining job (``offrl pretrain``) and checkpoint evaluation job (``offrl eval``).
+
+The metrics ``step`` of a pretraining run is the epoch; checkpoints are ``checkpoints/<epoch>/``, the
+best one by validation loss is ``checkpoints/best/<epoch>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from offrl import metrics as M
+from offrl.config import from_dict, replace, to_dict
+from offrl.errors import OffrlError
+
+# learner metric key -> logged metric name
+_TRAIN_NAMES = {"actor_loss": M.TRAIN_ACTOR_LOSS, "v_loss": M.TRAIN_V_LOSS, "q_loss": M.TRAIN_Q_LOSS,
+                "q_mean": M.TRAIN_Q_MEAN, "v_mean": M.TRAIN_V_MEAN, "weight_mean": M.TRAIN_WEIGHT_MEAN}
+_VAL_NAMES = {"actor_val_loss": M.VAL_ACTOR_LOSS, "td_error": M.VAL_TD_ERROR, "mc_error": M.VAL_MC_ERROR,
+              "q_mean": M.VAL_Q_MEAN, "v_mean": M.VAL_V_MEAN, "adv_mean": M.VAL_ADVANTAGE_MEAN,
+              "adv_std": M.VAL_ADVANTAGE_STD}
+
+
+def _reward_name(cfg: Any) -> str:
+    return "rewards" if cfg.pretrain.reward == "dataset" else cfg.pretrain.reward
+
+
+def training_tensors(ds: Any, gamma: float, reward: str) -> dict[str, torch.Tensor]:
+    """Dataset transitions in the learner's batch contract (see :mod:`offrl.algos.offline`)."""
+    t = ds.transitions(reward)
+    return {"obs": t["obs"], "actions": t["action"], "rewards": t["reward"], "next_obs": t["next_obs"],
+            "terminated": t["terminated"], "truncated": t["truncated"], "mc_return": ds.mc_returns(gamma, reward)}
+
+
+def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float], action_high: Sequence[float]):
+    """Networks and the OfflineLearner for ``cfg.pretrain`` (actor and/or critics)."""
+    from offrl.algos.critics import Critics
+    from offrl.algos.networks import GaussianActor
+    from offrl.algos.offline import OfflineLearner
+
+    pc, p = cfg.pretrain, cfg.policy
+    torch.manual_seed(cfg.seed)
+    arch = dict(obs_dim=obs_dim, act_dim=act_dim, hidden=list(p.hidden), activation=p.activation,
+                log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
+                action_high=[float(x) for x in action_high])
+    actor = GaussianActor(**arch) if pc.trains_actor else None
+    critics = (Critics(obs_dim, act_dim, list(cfg.critic.hidden), cfg.critic.activation, cfg.critic.twin_q)
+               if pc.critic_mode else None)
+    learner = OfflineLearner(actor, critics, actor_mode=pc.actor_mode, critic_mode=pc.critic_mode, tau=pc.tau,
+                             gamma=pc.gamma, beta=pc.beta, max_weight=pc.max_weight, target_tau=pc.target_tau,
+                             actor_lr=pc.actor_lr, critic_lr=pc.critic_lr, bc_loss=pc.bc_loss,
+                             grad_clip=pc.grad_clip, seed=cfg.seed)
+    return learner, arch
+
+
+def actor_spec(actor: Any, arch: dict, deterministic: bool = True) -> dict:
+    from offrl.algos.networks import numpy_state_dict
+
+    return {"kind": "mlp", "arch": arch, "weights": numpy_state_dict(actor), "deterministic": deterministic}
+
+
+def _load_dataset(cfg: Any):
+    from offrl.data.dataset import OfflineDataset
+
+    ds = OfflineDataset.load(cfg.pretrain.dataset)
+    n = cfg.pretrain.num_episodes
+    if n is not None:
+        if n > len(ds):
+            raise OffrlError(f"pretrain.num_episodes={n} but {cfg.pretrain.dataset} has only {len(ds)} episodes")
+        ds = ds.subset(range(n))
+    return ds
+
+
+def _resolve_env(cfg: Any, ds: Any, log: Any) -> Any:
+    """Evaluate in the dataset's task and controller: they define what the actions mean."""
+    changes = {}
+    if ds.env_id and ds.env_id != cfg.env.id:
+        changes["env.id"] = ds.env_id
+    if ds.control_mode and ds.control_mode != cfg.env.control_mode:
+        changes["env.control_mode"] = ds.control_mode
+    if changes:
+        log(f"[offrl] using the dataset's {', '.join(f'{k}={v}' for k, v in changes.items())}")
+        cfg = replace(cfg, **changes)
+    return cfg
+
+
+def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str] = None,
+                     init_parts: Optional[Sequence[str]] = None, log: Any = print) -> Path:
+    """Train offline on ``cfg.pretrain.dataset``; evaluate in simulation; write a run directory."""
+    from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from offrl.platform.cluster import init_ray
+    from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
+    from offrl.platform.jobs import progress
+    from offrl.platform.logger import MetricLogger
+    from offrl.platform.rundir import create_run_dir
+    from offrl.platform.simhost import SimHostPool
+
+    pc = cfg.pretrain
+    ds = _load_dataset(cfg)
+    cfg = _resolve_env(cfg, ds, log)
+    reward = _reward_name(cfg)
+    if pc.val_fraction > 0 and len(ds) >= 2:
+        train, val = ds.split(pc.val_fraction, seed=cfg.seed)
+    else:
+        train, val = ds, None
+    data = training_tensors(train, pc.gamma, reward)
+    vdata = training_tensors(val, pc.gamma, reward) if val is not None else None
+    n = data["obs"].shape[0]
+    log(f"[offrl] {pc.algo} on {ds.name}: {len(train)} train / {len(val) if val else 0} val episodes, "
+        f"{n} train transitions, reward '{reward}'")
+
+    run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        if not cfg.run.trial:
+            raise OffrlError("--resume needs run.trial=<name> of the run to continue")
+        if latest_checkpoint(ckpt_root) is None:
+            raise OffrlError(f"--resume: no checkpoint in {ckpt_root}")
+
+    pool = None
+    created = False
+    try:
+        needs_sim = pc.trains_actor
+        if needs_sim:
+            init_ray(cfg.cluster)
+            pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
+            low, high = pool.spec["action_low"], pool.spec["action_high"]
+            if pool.spec["obs_dim"] != ds.obs_dim or pool.spec["act_dim"] != ds.act_dim:
+                raise OffrlError(f"{ds.name}: obs/action sizes {ds.obs_dim}/{ds.act_dim} do not match "
+                                 f"{cfg.env.id} with {cfg.env.control_mode} ({pool.spec['obs_dim']}/{pool.spec['act_dim']})")
+        else:
+            low, high = [-1.0] * ds.act_dim, [1.0] * ds.act_dim
+        learner, arch = build_learner(cfg, ds.obs_dim, ds.act_dim, low, high)
+        start_epoch = 0
+        if resume:
+            run_dir = Path(run_dir)
+            state = load_checkpoint(ckpt_root, learner.modules(), optimizers=learner.optimizers(),
+                                    generators=learner.generators())
+            learner.load_extra_state(state)
+            start_epoch = int(state["step"])
+            best = state.get("best_val", math.inf)
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+            logger.truncate_after(start_epoch)
+            log(f"[offrl] resuming {run_dir} from epoch {start_epoch}")
+        else:
+            run_dir = create_run_dir(cfg)
+            created = True
+            ckpt_root = run_dir / "checkpoints"
+            learner.fit_normalizers(data["obs"])
+            if init_from:
+                parts = list(init_parts) if init_parts else list(learner.modules())
+                load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
+                log(f"[offrl] initialised {', '.join(parts)} from {init_from}")
+            best = math.inf
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+
+        def checkpoint(root: Path, epoch: int, keep: int, best_val: float) -> None:
+            save_checkpoint(root, epoch, learner.modules(), optimizers=learner.optimizers(),
+                            generators=learner.generators(), config=to_dict(cfg), keep=keep,
+                            extra_state={**learner.extra_state(), "actor_arch": arch, "algo": pc.algo,
+                                         "best_val": best_val, "dataset": str(pc.dataset)})
+
+        def run_eval(episodes: int) -> dict:
+            return evaluate(pool, actor_spec(learner.actor, arch, cfg.eval.deterministic), episodes, cfg.eval.seed)
+
+        val_key = "actor_val_loss" if learner.actor is not None else ("mc_error" if pc.critic_mode == "mc" else "td_error")
+        bs = min(pc.batch_size, n)
+        steps_per_epoch = pc.steps_per_epoch or max(1, n // bs)
+        bar = progress(pc.epochs - start_epoch, f"pretrain {pc.algo}", cfg.run.progress, unit="epoch")
+        summary = None
+        for epoch in range(start_epoch + 1, pc.epochs + 1):
+            t0 = time.time()
+            need = steps_per_epoch * bs
+            perm = torch.cat([learner.permutation(n) for _ in range(-(-need // n))])
+            acc: dict[str, list[float]] = {}
+            for i in range(steps_per_epoch):
+                idx = perm[i * bs:(i + 1) * bs]
+                for k, v in learner.update({k: x[idx] for k, x in data.items()}).items():
+                    acc.setdefault(k, []).append(v)
+            row = {_TRAIN_NAMES[k]: float(np.mean(v)) for k, v in acc.items() if k in _TRAIN_NAMES}
+            row[M.TRAIN_GRAD_STEPS] = learner.step
+            row[M.ITERATION_SECONDS] = time.time() - t0
+            vm = learner.validate(vdata) if vdata is not None else {}
+            row.update({_VAL_NAMES[k]: v for k, v in vm.items() if k in _VAL_NAMES})
+            if pool is not None and pc.eval_every and epoch % pc.eval_every == 0 and epoch != pc.epochs:
+                row.update(eval_metrics(run_eval(pc.eval_episodes)))
+            score = vm.get(val_key, math.inf)
+            if vdata is not None and score < best:
+                best = score
+                checkpoint(ckpt_root / "best", epoch, 1, best)
+            if epoch == pc.epochs and pool is not None:
+                summary = run_eval(pc.eval_episodes)
+                row.update(eval_metrics(summary))
+            logger.log(epoch, row)
+            if epoch % pc.checkpoint_every == 0 or epoch == pc.epochs:
+                checkpoint(ckpt_root, epoch, pc.keep_checkpoints, best)
+            post = {"loss": f"{row.get(M.TRAIN_ACTOR_LOSS, row.get(M.TRAIN_V_LOSS, 0.0)):.3f}"}
+            if M.EVAL_SUCCESS_RATE in row:
+                post["success"] = f"{row[M.EVAL_SUCCESS_RATE]:.2f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        bar.close()
+        logger.close()
+        if summary is not None:
+            write_eval_json(run_dir / "eval.json", summary,
+                            {"checkpoint": str(ckpt_root / str(pc.epochs)), "seed": cfg.eval.seed,
+                             "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id})
+            s = summary["success_at_end"]
+            log(f"[offrl] eval ({summary['episodes']} episodes): success {s['mean']:.2f} "
+                f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}], success_once {summary['success_once']['mean']:.2f}, "
+                f"return {summary['return']['mean']:.2f}")
+        (run_dir / "pretrain_done.json").write_text(json.dumps({"epochs": pc.epochs, "best_val": best}))
+        log(f"[offrl] run directory: {run_dir}")
+        return run_dir
+    except BaseException as e:
+        if created and not resume and not isinstance(e, KeyboardInterrupt) and not any(ckpt_root.glob("[0-9]*")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-written run
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def find_run_dir(ckpt: Path) -> Optional[Path]:
+    """The run directory holding ``ckpt`` (the nearest parent with config.yaml)."""
+    for p in [ckpt, *ckpt.parents]:
+        if (p / "config.yaml").exists():
+            return p
+    return None
+
+
+def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional[int] = None,
+                 overrides: Sequence[str] = (), out: Optional[str] = None, log: Any = print) -> dict:
+    """Evaluate a checkpoint's actor on SimHost actors with fixed seeds; write eval.json."""
+    from offrl.algos.networks import GaussianActor
+    from offrl.config import apply_overrides
+    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
+    from offrl.platform.cluster import init_ray
+    from offrl.platform.evaluate import evaluate, write_eval_json
+    from offrl.platform.simhost import SimHostPool
+
+    ckpt = resolve_checkpoint(checkpoint)
+    state = json.loads((ckpt / "training_state" / "state.json").read_text())
+    arch = state.get("actor_arch")
+    if not arch:
+        raise OffrlError(f"checkpoint {ckpt} has no actor to evaluate")
+    saved_cfg = json.loads((ckpt / "config.json").read_text())
+    cfg = from_dict(apply_overrides(saved_cfg, list(overrides)))
+    episodes = episodes or cfg.eval.episodes
+    seed = cfg.eval.seed if seed is None else seed
+    actor = GaussianActor(**arch)
+    load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
+    init_ray(cfg.cluster)
+    pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
+    try:
+        t = time.time()
+        summary = evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), episodes, seed)
+        dt = time.time() - t
+    finally:
+        pool.shutdown()
+    extra = {"checkpoint": str(ckpt), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
+             "control_mode": cfg.env.control_mode, "seconds": dt}
+    run_dir = find_run_dir(ckpt)
+    path = Path(out) if out else (run_dir / "eval.json" if run_dir else ckpt / "eval.json")
+    write_eval_json(path, summary, extra)
+    s = summary["success_at_end"]
+    log(f"[offrl] {episodes} episodes (seeds {seed}..{seed + episodes - 1}): success_at_end {s['mean']:.3f} "
+        f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}], success_once {summary['success_once']['mean']:.3f}, "
+        f"return {summary['return']['mean']:.2f}, length {summary['length']['mean']:.1f}")
+    log(f"[offrl] wrote {path}")
+    return summary
