@@ -71,6 +71,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from offrl.platform.finetune import run_finetune_job
+
+    run_finetune_job(_load(args))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -146,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "eval.deterministic=false")
     ev.set_defaults(func=cmd_eval)
 
+    ft = sub.add_parser("finetune", help="online finetuning: advantage {gae, mc, iql, sarsa} x update {ppo, awr, push_away}",
+                        description="Finetune a pretrained policy (finetune.checkpoint) online on SimHost actors. "
+                                    "Each round: stochastic rollouts -> advantages by finetune.advantage -> update by "
+                                    "finetune.update -> periodic deterministic evaluation -> checkpoint. Writes a run "
+                                    "directory with metrics.csv, TensorBoard events, checkpoints/<env_steps>/, "
+                                    "eval.json and finetune_summary.json (success before and after).")
+    _add_config_args(ft)
+    ft.set_defaults(func=cmd_finetune)
+
     c = sub.add_parser("config", help="show the resolved config or document every key",
                        description="Inspect configuration.")
     csub = c.add_subparsers(dest="config_command", metavar="<subcommand>", parser_class=_Parser)
@@ -171,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules with a ``register(subparsers)`` function adding their commands; each defines its own
 # ``func`` per command and raises OffrlError for user mistakes.
-_COMMAND_MODULES: list[str] = ["offrl.data.cli"]
+_COMMAND_MODULES: list[str] = ["offrl.data.cli", "offrl.stats.cli"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

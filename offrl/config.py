@@ -267,6 +267,70 @@ class EvalConfig(_Checked):
             raise ConfigError("episodes", f"must be >= 1, got {self.episodes}")
 
 
+ADVANTAGES = ("gae", "mc", "iql", "sarsa")
+UPDATES = ("ppo", "awr", "push_away")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Checked):
+    """Online finetuning (offrl finetune): one loop, advantage estimator x update rule as config values."""
+
+    checkpoint: str = _f("", "Pretrained checkpoint (folder or run directory) with the actor; IQL/SARSA read "
+                             "its critics too.")
+    advantage: Literal["gae", "mc", "iql", "sarsa"] = _f("gae", "Advantage estimator.")
+    update: Literal["ppo", "awr", "push_away"] = _f("ppo", "Policy update rule.")
+    iterations: int = _f(10, "Rollout -> advantage -> update rounds.")
+    steps_per_iter: int = _f(50, "Env steps per env per round (on every SimHost).")
+    gamma: float = _f(0.8, "Discount.")
+    gae_lambda: float = _f(0.9, "GAE lambda.")
+    epochs: int = _f(4, "Update epochs over each round's data.")
+    minibatches: int = _f(4, "Minibatches per epoch.")
+    actor_lr: float = _f(1e-4, "Adam learning rate of the actor.")
+    critic_lr: float = _f(3e-4, "Adam learning rate of the value net (GAE) or the IQL/SARSA critics.")
+    grad_clip: float = _f(0.5, "Max gradient norm.")
+    clip: float = _f(0.2, "PPO ratio clip.")
+    target_kl: Optional[float] = _f(0.1, "PPO: stop the round's epochs once approx_kl exceeds this (null: never).")
+    ent_coef: float = _f(0.0, "PPO entropy bonus coefficient.")
+    vf_coef: float = _f(0.5, "PPO value loss coefficient (GAE value net).")
+    beta: float = _f(1.0, "AWR temperature: weights exp(A / beta).")
+    max_weight: float = _f(20.0, "AWR weight clip.")
+    normalize_advantage: bool = _f(True, "Normalise advantages per minibatch (PPO) / per round (AWR).")
+    push_alpha: float = _f(1.0, "Push-away AWR: weight of the push-down term on negative advantages.")
+    push_max: float = _f(1.0, "Push-away AWR: max nats a pushed action's log-likelihood may fall below the "
+                              "data-collecting policy's (the bound of the push term).")
+    value_warmup_iters: int = _f(1, "GAE: first rounds train only the value net (the actor waits for it).")
+    critic_online: bool = _f(True, "IQL/SARSA: keep training the pretrained critics on online data.")
+    expectile: float = _f(0.7, "IQL expectile for online critic training (SARSA uses 0.5).")
+    mc_samples: int = _f(2, "MC: re-rollouts per (state, action) and per state.")
+    mc_horizon: int = _f(20, "MC: re-rollout horizon cap in steps (gamma^horizon is the neglected tail).")
+    mc_fraction: float = _f(0.25, "MC: fraction of each round's states re-rolled (the rest are not used).")
+    rerollout_policy: Literal["current", "checkpoint", "expert"] = _f(
+        "current", "MC: policy followed in re-rollouts: the current policy, a fixed checkpoint, or the scripted expert.")
+    rerollout_checkpoint: str = _f("", "MC: checkpoint of the fixed re-rollout policy (rerollout_policy=checkpoint).")
+    init_log_std: Optional[float] = _f(None, "Reset the actor's log std at the start (null: keep the pretrained one).")
+    eval_every: int = _f(5, "Deterministic evaluation every K rounds (and before the first and after the last).")
+    eval_episodes: int = _f(20, "Episodes per evaluation.")
+
+    def check(self) -> None:
+        for name in ("iterations", "steps_per_iter", "epochs", "minibatches", "mc_samples", "mc_horizon",
+                     "eval_every", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("gamma", "gae_lambda", "expectile"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(name, f"must be in [0, 1], got {v}")
+        if not 0.0 < self.mc_fraction <= 1.0:
+            raise ConfigError("mc_fraction", f"must be in (0, 1], got {self.mc_fraction}")
+        for name in ("actor_lr", "critic_lr", "beta", "max_weight", "clip", "push_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.value_warmup_iters < 0:
+            raise ConfigError("value_warmup_iters", f"must be >= 0, got {self.value_warmup_iters}")
+        if self.rerollout_policy == "checkpoint" and not self.rerollout_checkpoint:
+            raise ConfigError("rerollout_checkpoint", "needed when rerollout_policy is checkpoint")
+
+
 @dataclass(frozen=True)
 class RunConfig(_Checked):
     """Run directory: runs/<experiment>/<trial>/ with config, meta, metrics, TensorBoard, checkpoints."""
@@ -297,6 +361,7 @@ class ExperimentConfig(_Checked):
     critic: CriticConfig = _sub(CriticConfig)
     pretrain: PretrainConfig = _sub(PretrainConfig)
     eval: EvalConfig = _sub(EvalConfig)
+    finetune: FinetuneConfig = _sub(FinetuneConfig)
     run: RunConfig = _sub(RunConfig)
 
 

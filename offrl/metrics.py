@@ -44,6 +44,15 @@ VAL_V_MEAN = "val/v_mean"
 VAL_ADVANTAGE_MEAN = "val/advantage_mean"
 VAL_ADVANTAGE_STD = "val/advantage_std"
 
+# online finetuning (step = env steps of the main rollouts)
+ENTROPY = "losses/entropy"
+CRITIC_LOSS = "losses/critic_loss"
+MC_Q_MEAN = "charts/mc_q_mean"
+MC_V_MEAN = "charts/mc_v_mean"
+ADVANTAGE_SAMPLES = "charts/advantage_samples"
+REROLLOUT_STEPS = "time/rerollout_steps"
+UPDATE_EPOCHS = "charts/update_epochs"
+
 # diagnostics
 ADVANTAGE_MEAN = "charts/advantage_mean"
 ADVANTAGE_STD = "charts/advantage_std"

@@ -1,0 +1,125 @@
+"""Monte-Carlo re-rollouts from saved simulator states, run inside SimHost actors.
+
+A job is a saved single-env state ``s`` (from a rollout's ``states``) and, for Q, an action ``a``.
+A host restores up to ``num_envs`` jobs at once into its envs, takes ``a`` (Q) or a policy action (V),
+then follows the re-rollout policy until the episode ends or ``horizon`` steps have passed, and returns
+the discounted return of each of the ``M`` samples. Sampling noise differs between samples. The host's
+own rollout state (sim state, current observation, episode tracker) is saved before and restored after,
+so re-rollouts never disturb the main rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+
+def stack_states(states: list[dict]) -> dict:
+    """Concatenate state trees (leading batch dim) along axis 0."""
+    out = {}
+    for k, v in states[0].items():
+        out[k] = stack_states([s[k] for s in states]) if isinstance(v, dict) else np.concatenate([s[k] for s in states], 0)
+    return out
+
+
+def index_state(state: dict, idx: Any) -> dict:
+    """Rows ``idx`` of a state tree (keeps the batch dim for an int index)."""
+    if isinstance(idx, (int, np.integer)):
+        idx = slice(int(idx), int(idx) + 1)
+    return {k: (index_state(v, idx) if isinstance(v, dict) else v[idx]) for k, v in state.items()}
+
+
+def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
+                     horizon: int, gamma: float) -> tuple[np.ndarray, int]:
+    """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
+
+    ``actions [B, a]``: the first action of every re-rollout (Q(s, a)); None: the policy picks it (V(s)).
+    Returns (returns, env steps taken). ``sim`` must be an auto-resetting BatchedSim; steps after an
+    env's episode ended are ignored.
+    """
+    B = len(states["elapsed_steps"])
+    K = sim.num_envs
+    jobs = [(b, m) for b in range(B) for m in range(samples)]
+    out = np.zeros((B, samples), np.float64)
+    steps = 0
+    for start in range(0, len(jobs), K):
+        chunk = jobs[start:start + K]
+        n = len(chunk)
+        env_ids = list(range(n))
+        obs = sim.set_state(index_state(states, np.array([b for b, _ in chunk])), env_ids)
+        if hasattr(policy, "on_restore"):
+            policy.on_restore(sim, env_ids)
+        full_obs = sim._obs.copy() if hasattr(sim, "_obs") else None
+        if full_obs is not None:
+            full_obs[:n] = obs
+        alive = np.zeros(K, bool)
+        alive[:n] = True
+        ret = np.zeros(K, np.float64)
+        disc = np.ones(K, np.float64)
+        cur = full_obs if full_obs is not None else obs
+        for t in range(horizon):
+            act, _ = policy(cur, sim)
+            if t == 0 and actions is not None:
+                act = act.copy()
+                act[:n] = actions[[b for b, _ in chunk]]
+            cur, rew, term, trunc, info = sim.step(act)
+            steps += int(alive.sum())
+            ret += np.where(alive, disc * rew, 0.0)
+            disc *= gamma
+            alive &= ~info["done"]
+            if not alive.any():
+                break
+        for j, (b, m) in enumerate(chunk):
+            out[b, m] = ret[j]
+    return out, steps
+
+
+def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
+                      horizon: int, gamma: float, seed: int) -> dict:
+    """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
+    from offrl.platform.rollout import build_policy
+
+    sim = host.sim
+    saved_state, saved_obs, saved_tracker = sim.get_state(), host.obs.copy(), host.tracker
+    t0 = time.perf_counter()
+    try:
+        policy = build_policy(policy_spec, sim, seed=seed)
+        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma)
+        v = None
+        if actions is not None:
+            v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma)
+            steps += steps_v
+    finally:
+        sim.set_state(saved_state)
+        host.obs, host.tracker = saved_obs, saved_tracker
+    return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
+
+
+def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
+                   horizon: int, gamma: float, seed: int = 0) -> dict:
+    """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
+    total env steps and wall seconds."""
+    import ray
+
+    B = len(states["elapsed_steps"])
+    parts = np.array_split(np.arange(B), len(pool))
+    refs, order = [], []
+    t0 = time.perf_counter()
+    for i, (h, idx) in enumerate(zip(pool.hosts, parts)):
+        if len(idx) == 0:
+            continue
+        sub_actions = None if actions is None else actions[idx]
+        refs.append(h.apply.remote(rerollout_on_host, policy_spec, index_state(states, idx), sub_actions,
+                                   samples, horizon, gamma, seed + 7919 * i))
+        order.append(idx)
+    results = pool._get(refs)
+    q = np.zeros((B, samples))
+    v = np.zeros((B, samples)) if actions is not None else None
+    for idx, r in zip(order, results):
+        q[idx] = r["q"]
+        if v is not None:
+            v[idx] = r["v"]
+    del ray
+    return {"q": q, "v": v, "steps": sum(r["steps"] for r in results), "seconds": time.perf_counter() - t0}
