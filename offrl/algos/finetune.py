@@ -6,7 +6,8 @@ optionally trained online) and their optimizers. Advantages are computed by the 
 that feeds it lives in :mod:`offrl.platform.finetune`.
 
 Batch contract of :meth:`FinetuneLearner.update` (flat ``[B]`` unless noted): obs ``[B, d]``,
-actions ``[B, a]``, logprob (behaviour policy), adv, returns (value targets, GAE only), rewards,
+actions ``[B, a]`` (as executed; critics use them), raw_actions ``[B, a]`` (the unclipped sample whose
+log-prob is ``logprob``; optional), logprob (behaviour policy), adv, returns (value targets, GAE only), rewards,
 next_obs ``[B, d]``, terminated (critic training).
 """
 
@@ -114,7 +115,8 @@ class FinetuneLearner:
         m: dict[str, float] = {}
         obs, act = b["obs"], b["actions"]
         if train_actor:
-            logp = self.actor.log_prob(obs, act)
+            # log-probs on the raw (unclipped) sample: the behaviour log-prob was computed on it
+            logp = self.actor.log_prob(obs, b.get("raw_actions", act))
             if cfg.update == "ppo":
                 a = normalize(adv) if cfg.normalize_advantage else adv
                 loss, pm = ppo_loss(logp, b["logprob"], a, cfg.clip)

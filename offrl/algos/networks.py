@@ -112,7 +112,18 @@ class GaussianActor(nn.Module):
     @torch.no_grad()
     def act(self, obs: torch.Tensor, deterministic: bool = False,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample (or take the mean of) the policy; returns (actions in bounds ``[B, act_dim]``, log-prob ``[B]``)."""
+        """Sample (or take the mean of) the policy; returns (actions in bounds ``[B, act_dim]``, log-prob ``[B]``).
+
+        With ``squash="clip"`` the log-prob is that of the unclipped sample: use :meth:`act_raw` when the
+        log-prob must be recomputed later (PPO ratios), and recompute it on the raw action.
+        """
+        a, logp, _ = self.act_raw(obs, deterministic, generator)
+        return a, logp
+
+    @torch.no_grad()
+    def act_raw(self, obs: torch.Tensor, deterministic: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(env action in bounds, log-prob, raw action) where ``log_prob(obs, raw) == log-prob``."""
         d = self.dist(obs)
         if deterministic:
             pre = d.mean
@@ -122,10 +133,9 @@ class GaussianActor(nn.Module):
         if self.squash == "tanh":
             u = torch.tanh(pre)
             logp = (d.log_prob(pre) - torch.log(1 - u.pow(2) + 1e-6)).sum(-1)
-        else:
-            logp = d.log_prob(pre).sum(-1)
-            u = pre.clamp(-1.0, 1.0)
-        return self._scale(u), logp
+            return self._scale(u), logp, self._scale(u)
+        logp = d.log_prob(pre).sum(-1)
+        return self._scale(pre.clamp(-1.0, 1.0)), logp, self._scale(pre)
 
 
 def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:

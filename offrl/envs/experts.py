@@ -51,7 +51,7 @@ class ScriptedExpert:
         self.phase[m] = 0
         self.counter[m] = 0
 
-    def seed(self, seed: int) -> None:
+    def seed(self, seed: Any) -> None:
         """Reseed the noise generator (data collection reseeds per episode)."""
         self.rng = np.random.default_rng(seed)
 

@@ -179,7 +179,8 @@ def run_finetune_job(cfg: Any, log: Any = print) -> Path:
             data = concat_rollouts(results)
             env_steps += T * N
             row: dict[str, float] = {M.ENV_SPS: T * N / t_roll, M.ENV_STEPS: env_steps}
-            batch = {"obs": _flat(data["obs"]), "actions": _flat(data["actions"]), "logprob": _flat(data["logprob"]),
+            batch = {"obs": _flat(data["obs"]), "actions": _flat(data["actions"]),
+                     "raw_actions": _flat(data["raw_actions"]), "logprob": _flat(data["logprob"]),
                      "rewards": _flat(data["rewards"]), "next_obs": _flat(data["next_obs"]),
                      "terminated": _flat(data["terminated"])}
             if fc.advantage == "gae":

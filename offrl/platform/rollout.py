@@ -37,7 +37,8 @@ class MLPPolicy:
         self.gen = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, obs: np.ndarray, sim: Any) -> tuple[np.ndarray, np.ndarray]:
-        a, logp = self.net.act(torch.from_numpy(obs), deterministic=self.deterministic, generator=self.gen)
+        a, logp, raw = self.net.act_raw(torch.from_numpy(obs), deterministic=self.deterministic, generator=self.gen)
+        self.last_raw = raw.numpy()
         return a.numpy(), logp.numpy()
 
 
@@ -90,7 +91,7 @@ def run_rollout(sim: Any, policy: Any, num_steps: int, tracker: Optional[Episode
                 obs: Optional[np.ndarray] = None, record_states: bool = False) -> dict:
     """Step ``sim`` ``num_steps`` times with ``policy``; returns numpy arrays ``[T, N, ...]``.
 
-    Keys: obs, actions, logprob, rewards, terminated, truncated, success, next_obs (the observation
+    Keys: obs, actions (as sent to the env), raw_actions (before clipping; ``logprob`` is theirs), logprob, rewards, terminated, truncated, success, next_obs (the observation
     after the action, i.e. the final observation of an episode that ended), episodes (list of finished
     episodes' stats), last_obs ``[N, d]``; with ``record_states`` also ``states`` (a list of T snapshots).
     """
@@ -107,6 +108,8 @@ def run_rollout(sim: Any, policy: Any, num_steps: int, tracker: Optional[Episode
         "truncated": np.empty((T, N), bool),
         "success": np.empty((T, N), bool),
         "next_obs": np.empty((T, N, sim.obs_dim), np.float32),
+        # the sampled action before clipping to the bounds: log-probs are recomputed on it (PPO ratios)
+        "raw_actions": np.empty((T, N, sim.act_dim), np.float32),
     }
     states = [] if record_states else None
     episodes: list[dict] = []
@@ -117,6 +120,7 @@ def run_rollout(sim: Any, policy: Any, num_steps: int, tracker: Optional[Episode
         nobs, rew, term, trunc, info = sim.step(act)
         buf["obs"][t] = obs
         buf["actions"][t] = act
+        buf["raw_actions"][t] = getattr(policy, "last_raw", act)
         buf["logprob"][t] = logp
         buf["rewards"][t] = rew
         buf["terminated"][t] = term
