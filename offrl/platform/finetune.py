@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -123,8 +123,13 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, cfg: A
                                                     "q_mean": float(q.mean()), "v_mean": float(v.mean())}
 
 
-def run_finetune_job(cfg: Any, log: Any = print) -> Path:
-    """Finetune a pretrained policy online; write a run directory with metrics, checkpoints and eval.json."""
+def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
+                     exist_ok: bool = False) -> Path:
+    """Finetune a pretrained policy online; write a run directory with metrics, checkpoints and eval.json.
+
+    ``reporter(step, metrics, checkpoint_dir_or_None)`` is called after every logged row (Ray Tune
+    trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
+    """
     from offrl.algos.finetune import FinetuneLearner
     from offrl.platform.checkpoint import save_checkpoint
     from offrl.platform.cluster import init_ray
@@ -147,7 +152,7 @@ def run_finetune_job(cfg: Any, log: Any = print) -> Path:
             raise OffrlError(f"checkpoint {start_ckpt} expects obs/action sizes {arch['obs_dim']}/{arch['act_dim']}, "
                              f"{cfg.env.id} gives {pool.spec['obs_dim']}/{pool.spec['act_dim']}")
         learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed)
-        run_dir = create_run_dir(cfg)
+        run_dir = create_run_dir(cfg, exist_ok=exist_ok)
         logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
         rng = np.random.default_rng(cfg.seed)
         T, N = fc.steps_per_iter, pool.num_envs
@@ -166,6 +171,8 @@ def run_finetune_job(cfg: Any, log: Any = print) -> Path:
         start = do_eval()
         logger.log(0, eval_metrics(start))
         checkpoint(0)
+        if reporter is not None:
+            reporter(0, eval_metrics(start), run_dir / "checkpoints" / "0")
         log(f"[offrl] start: success {start['success_at_end']['mean']:.2f} on {fc.eval_episodes} eval episodes")
         env_steps, rr_steps, last = 0, 0, start
         bar = progress(fc.iterations, f"finetune {fc.advantage}x{fc.update}", cfg.run.progress, unit="round")
@@ -212,12 +219,16 @@ def run_finetune_job(cfg: Any, log: Any = print) -> Path:
                 row.update({M.ROLLOUT_SUCCESS_RATE: s["success_rate"], M.ROLLOUT_RETURN: s["return"],
                             M.ROLLOUT_EPISODE_LENGTH: s["length"]})
             row[M.ITERATION_SECONDS] = time.perf_counter() - t0
+            saved = None
             if it % fc.eval_every == 0 or it == fc.iterations:
                 last = do_eval()
                 row.update(eval_metrics(last))
                 checkpoint(env_steps)
+                saved = run_dir / "checkpoints" / str(env_steps)
                 bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
             logger.log(env_steps, row)
+            if reporter is not None:
+                reporter(env_steps, row, saved)
             bar.update(1)
         bar.close()
         logger.close()

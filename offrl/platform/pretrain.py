@@ -11,7 +11,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -92,8 +92,14 @@ def _resolve_env(cfg: Any, ds: Any, log: Any) -> Any:
 
 
 def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str] = None,
-                     init_parts: Optional[Sequence[str]] = None, log: Any = print) -> Path:
-    """Train offline on ``cfg.pretrain.dataset``; evaluate in simulation; write a run directory."""
+                     init_parts: Optional[Sequence[str]] = None, log: Any = print,
+                     reporter: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
+                     exist_ok: bool = False) -> Path:
+    """Train offline on ``cfg.pretrain.dataset``; evaluate in simulation; write a run directory.
+
+    ``reporter(step, metrics, checkpoint_dir_or_None)`` is called after every logged row (Ray Tune
+    trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
+    """
     from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
@@ -150,8 +156,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             logger.truncate_after(start_epoch)
             log(f"[offrl] resuming {run_dir} from epoch {start_epoch}")
         else:
-            run_dir = create_run_dir(cfg)
-            created = True
+            run_dir = create_run_dir(cfg, exist_ok=exist_ok)
+            created = not exist_ok
             ckpt_root = run_dir / "checkpoints"
             learner.fit_normalizers(data["obs"])
             if init_from:
@@ -199,8 +205,12 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                 summary = run_eval(pc.eval_episodes)
                 row.update(eval_metrics(summary))
             logger.log(epoch, row)
+            saved = None
             if epoch % pc.checkpoint_every == 0 or epoch == pc.epochs:
                 checkpoint(ckpt_root, epoch, pc.keep_checkpoints, best)
+                saved = ckpt_root / str(epoch)
+            if reporter is not None:
+                reporter(epoch, row, saved)
             post = {"loss": f"{row.get(M.TRAIN_ACTOR_LOSS, row.get(M.TRAIN_V_LOSS, 0.0)):.3f}"}
             if M.EVAL_SUCCESS_RATE in row:
                 post["success"] = f"{row[M.EVAL_SUCCESS_RATE]:.2f}"
