@@ -245,7 +245,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         log(f"[offrl] run directory: {run_dir}")
         return run_dir
     except BaseException:
-        if run_dir is not None and not any((run_dir / "checkpoints").glob("[0-9]*")):
+        if run_dir is not None and not exist_ok and not any((run_dir / "checkpoints").glob("[0-9]*")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
