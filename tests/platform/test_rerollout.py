@@ -1,0 +1,134 @@
+"""Monte-Carlo re-rollouts: a tiny deterministic env with known Q and V, and PickCube with the scripted expert."""
+
+import numpy as np
+import pytest
+import torch
+
+from offrl.algos.advantages import mc_rerollout_advantage
+from offrl.platform.rerollout import index_state, rerollout_on_sim, rerollout_pool, stack_states
+from offrl.platform.simhost import SimHostImpl, SimHostPool
+
+
+class ChainSim:
+    """N envs on a line 0..L; action > 0 moves right, else left (floored at 0); reward 1 on reaching L (terminal)."""
+
+    def __init__(self, n=3, L=5, max_episode_steps=100):
+        self.num_envs, self.L, self.max_episode_steps = n, L, max_episode_steps
+        self.obs_dim, self.act_dim = 1, 1
+        self.action_low, self.action_high = np.array([-1.0], np.float32), np.array([1.0], np.float32)
+        self.x = np.zeros(n, np.int64)
+        self.elapsed_steps = np.zeros(n, np.int64)
+        self._obs = np.zeros((n, 1), np.float32)
+
+    def _sync(self):
+        self._obs[:, 0] = self.x
+
+    def reset(self, seed=None):
+        self.x[:] = 0
+        self.elapsed_steps[:] = 0
+        self._sync()
+        return self._obs.copy()
+
+    def step(self, actions):
+        self.x = np.where(actions[:, 0] > 0, self.x + 1, np.maximum(self.x - 1, 0))
+        self.elapsed_steps += 1
+        term = self.x >= self.L
+        trunc = (self.elapsed_steps >= self.max_episode_steps) & ~term
+        rew = term.astype(np.float32)
+        self._sync()
+        final = self._obs.copy()
+        done = term | trunc
+        self.x[done] = 0
+        self.elapsed_steps[done] = 0
+        self._sync()
+        return self._obs.copy(), rew, term, trunc, {"success": term, "final_obs": final, "done": done,
+                                                    "elapsed_steps": self.elapsed_steps.copy()}
+
+    def get_state(self, env_ids=None):
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids)
+        return {"sim": {"x": self.x[ids].copy()}, "elapsed_steps": self.elapsed_steps[ids].copy(),
+                "obs": self._obs[ids].copy()}
+
+    def set_state(self, state, env_ids=None):
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids)
+        self.x[ids] = state["sim"]["x"]
+        self.elapsed_steps[ids] = state["elapsed_steps"]
+        self._sync()
+        return self._obs[ids].copy()
+
+
+def go_right(obs, sim):
+    return np.ones((obs.shape[0], 1), np.float32), np.zeros(obs.shape[0], np.float32)
+
+
+def test_mc_estimator_matches_known_q_and_v():
+    """From x, going right reaches L after d = L - x steps: V(x) = Q(x, right) = g^(d-1); Q(x, left) = g^(d+1)."""
+    sim, g, L = ChainSim(n=3, L=5), 0.9, 5
+    xs = np.array([0, 2, 4, 1, 3])
+    states = {"sim": {"x": xs}, "elapsed_steps": np.zeros(5, np.int64), "obs": xs[:, None].astype(np.float32)}
+    left = -np.ones((5, 1), np.float32)
+    q, _ = rerollout_on_sim(sim, go_right, states, left, samples=2, horizon=20, gamma=g)
+    v, _ = rerollout_on_sim(sim, go_right, states, None, samples=2, horizon=20, gamma=g)
+    d = L - xs
+    exp_v = g ** (d - 1)
+    # left from 0 stays at 0 (floor): then L more steps
+    exp_q = np.where(xs == 0, g ** L, g ** (d + 1))
+    np.testing.assert_allclose(v, np.stack([exp_v, exp_v], 1), rtol=1e-12)
+    np.testing.assert_allclose(q, np.stack([exp_q, exp_q], 1), rtol=1e-12)
+    adv, qm, vm = mc_rerollout_advantage(torch.from_numpy(q), torch.from_numpy(v))
+    assert (adv < 0).all()  # stepping left is worse than the policy's right step everywhere
+    # horizon cap: with 2 steps nothing further than 2 from L is reached
+    v2, _ = rerollout_on_sim(sim, go_right, states, None, samples=1, horizon=2, gamma=g)
+    np.testing.assert_allclose(v2[:, 0], np.where(d <= 2, g ** (d - 1), 0.0))
+
+
+def test_state_tree_helpers():
+    s = {"sim": {"a": np.arange(6).reshape(3, 2)}, "elapsed_steps": np.array([1, 2, 3])}
+    one = index_state(s, 1)
+    assert one["sim"]["a"].shape == (1, 2) and one["elapsed_steps"].tolist() == [2]
+    both = stack_states([one, index_state(s, 2)])
+    assert both["sim"]["a"].tolist() == [[2, 3], [4, 5]]
+
+
+def test_pickcube_expert_rerollouts_give_its_discounted_return(ray_cluster):
+    """V(s0) by re-rollouts with the scripted expert inside SimHost actors = the expert's own discounted return."""
+    from offrl.config import load_config
+
+    gamma = 0.8
+    cfg = load_config(None, ["env.num_envs=2", "cluster.num_hosts=2", "env.reward_mode=sparse"])
+    pool = SimHostPool(cfg.env, cfg.cluster, seed=5)
+    try:
+        expert = {"kind": "expert", "name": "auto"}
+        res = pool.rollout(expert, 50, reset_seed=5, record_states=True)
+        states, returns = [], []
+        for r in res:
+            for n in range(r["obs"].shape[1]):
+                end = int(np.flatnonzero(r["terminated"][:, n] | r["truncated"][:, n])[0])
+                rew = r["rewards"][: end + 1, n]
+                returns.append(float(sum(gamma ** k * x for k, x in enumerate(rew))))
+                states.append(index_state(r["states"][0], n))
+        assert all(x > 0 for x in returns)  # the expert solved every episode
+        out = rerollout_pool(pool, expert, stack_states(states), None, samples=1, horizon=50, gamma=gamma)
+        np.testing.assert_allclose(out["q"][:, 0], returns, rtol=0.15)
+        assert out["steps"] > 0
+    finally:
+        pool.shutdown()
+
+
+def test_rerollouts_leave_the_main_rollout_alone():
+    a = SimHostImpl({"num_envs": 2}, seed=3)
+    b = SimHostImpl({"num_envs": 2}, seed=3)
+    spec = {"kind": "random"}
+    ra = a.rollout(spec, 6, policy_seed=1)
+    rb = b.rollout(spec, 6, policy_seed=1)
+    np.testing.assert_array_equal(ra["obs"], rb["obs"])
+    from offrl.platform.rerollout import rerollout_on_host
+
+    st = stack_states([index_state(ra["states"][0], 0)]) if "states" in ra else stack_states([a.snapshot([0])])
+    rerollout_on_host(a, spec, st, np.zeros((1, 4), np.float32), 2, 5, 0.9, seed=0)
+    ca = a.rollout(spec, 6, policy_seed=2)
+    cb = b.rollout(spec, 6, policy_seed=2)
+    np.testing.assert_allclose(ca["obs"], cb["obs"], atol=1e-3)  # restored (contact caches are not saved)
+    assert a.tracker.length.tolist() == b.tracker.length.tolist()
+    a.close()
+    b.close()
