@@ -6,8 +6,10 @@ per env through :func:`offrl.platform.rollout.run_rollout`. The bare side runs t
 processes started together; the actor side as SimHost actors on a local Ray cluster, one remote call
 per worker. Simulator construction and a warm-up rollout are excluded from the timing on both sides.
 
-Prints env-steps/s of each and the ratio actors / bare (target >= 0.9 on CPU). Repeats ``--rounds``
-times, alternating the order, and reports the median of each side.
+Prints env-steps/s of each and the ratio actors / bare (target >= 0.9 on CPU). A third measurement
+runs MC re-rollouts through the same actors (restore a saved state, then ``--horizon`` policy steps,
+for every state of a recorded rollout) and reports its env-steps/s against the same bare figure.
+Repeats ``--rounds`` times, alternating the sides, and reports medians.
 
     python bench/sim_throughput.py [--procs N] [--envs K] [--steps S] [--rounds R]
 """
@@ -108,6 +110,18 @@ class Actors:
         wall = time.perf_counter() - t
         return self.procs * self.envs * self.steps / wall
 
+    def rerollout_round(self, horizon: int) -> float:
+        """MC re-rollouts through the actors: restore saved states, then step ``horizon`` steps each."""
+        from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
+
+        if not hasattr(self, "_states"):
+            res = self.pool.rollout(self.spec, 10, reset_seed=123, record_states=True)
+            # states of the first 10 steps: all envs stay alive for the whole horizon (< 50 - 10)
+            self._states = stack_states([index_state(r["states"][t], n) for r in res for t in range(10)
+                                         for n in range(r["obs"].shape[1])])
+        out = rerollout_pool(self.pool, self.spec, self._states, None, samples=1, horizon=horizon, gamma=0.8)
+        return out["steps"] / out["seconds"]
+
     def close(self) -> None:
         self.pool.shutdown()
         self.ray.shutdown()
@@ -119,12 +133,15 @@ def main() -> int:
     ap.add_argument("--envs", type=int, default=4, help="envs per worker (single-env physx_cpu instances)")
     ap.add_argument("--steps", type=int, default=250, help="steps per env per timed rollout")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per side; medians are reported")
+    ap.add_argument("--horizon", type=int, default=35,
+                    help="MC re-rollout horizon per restored state (0 skips the re-rollout measurement)")
     args = ap.parse_args()
 
     print(f"PickCube-v1 {ENV['control_mode']}, {args.procs} workers x {args.envs} envs, "
           f"{args.steps} steps per env per round, {args.rounds} rounds per side", flush=True)
     bare_sps: list[float] = []
     actor_sps: list[float] = []
+    rr_sps: list[float] = []
     # Interleave: bare round, actor round, ... so drifting machine load hits both sides alike.
     bare = Bare(args.procs, args.envs, args.steps, args.rounds)
     # keep the bare workers alive but idle while the actors run: they sit at a barrier (no CPU)
@@ -135,8 +152,9 @@ def main() -> int:
             if actors is None:
                 actors = Actors(args.procs, args.envs, args.steps)
             actor_sps.append(actors.round())
-            print(f"  round {r + 1}: bare {bare_sps[-1]:8.1f} steps/s   actors {actor_sps[-1]:8.1f} steps/s",
-                  flush=True)
+            rr_sps.append(actors.rerollout_round(args.horizon) if args.horizon else float("nan"))
+            print(f"  round {r + 1}: bare {bare_sps[-1]:8.1f} steps/s   actors {actor_sps[-1]:8.1f} steps/s   "
+                  f"re-rollouts {rr_sps[-1]:8.1f} steps/s", flush=True)
     finally:
         bare.close()
         if actors is not None:
@@ -145,6 +163,10 @@ def main() -> int:
     print(f"bare processes : {b:8.1f} env-steps/s (median)")
     print(f"SimHost actors : {a:8.1f} env-steps/s (median)")
     print(f"ratio actors/bare: {a / b:.3f}  (target >= 0.9)")
+    if args.horizon:
+        rr = statistics.median(rr_sps)
+        print(f"MC re-rollouts : {rr:8.1f} env-steps/s (median; restore + {args.horizon} steps per saved state)")
+        print(f"ratio re-rollouts/bare: {rr / b:.3f}  (target >= 0.9)")
     return 0
 
 
