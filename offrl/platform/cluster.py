@@ -9,7 +9,8 @@ from offrl.errors import OffrlError
 
 
 def init_ray(cluster_cfg: Any = None, quiet: bool = True) -> dict:
-    """Join ``cluster.address`` or start a local cluster (``cluster.num_cpus`` CPUs); returns its resources.
+    """Join ``cluster.address`` (or ``$RAY_ADDRESS``) or start a fresh local cluster (``cluster.num_cpus``
+    CPUs); returns its resources.
 
     Idempotent: an already initialised Ray is reused.
     """
@@ -28,9 +29,14 @@ def init_ray(cluster_cfg: Any = None, quiet: bool = True) -> dict:
     try:
         if address:
             ray.init(address=address, **kwargs)
+        elif os.environ.get("RAY_ADDRESS"):
+            # inside `ray job submit` (or a user's explicit RAY_ADDRESS): join that cluster
+            ray.init(**kwargs)
         else:
+            # "local" always starts a fresh local cluster; a bare ray.init() would silently join the
+            # last cluster `ray start` recorded on this machine
             num_cpus = getattr(cluster_cfg, "num_cpus", None)
-            ray.init(num_cpus=num_cpus, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     except ConnectionError as e:
         raise OffrlError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
     return ray.cluster_resources()

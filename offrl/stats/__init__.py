@@ -1,7 +1,7 @@
 """Statistics over run and Tune experiment directories: a tidy DataFrame, comparison tables and plots.
 
 ``load_runs(path)`` reads every run under a folder into one DataFrame (a row per trial and step, the
-flattened config as columns); ``varying_columns(df)`` names the swept axes; ``compare(df, metric, by)``
+flattened config as columns); ``varying_columns(df)`` names the swept axes; ``offrl.stats.compare.compare(df, metric, by)``
 computes IQM / mean / median of final performance, AUC and probability of improvement with stratified
 bootstrap intervals (after rliable, Agarwal et al. 2021). No Ray or simulator imports; matplotlib is
 imported only by :mod:`offrl.stats.plots`.
@@ -18,7 +18,9 @@ from typing import Any
 _EXPORTS = {
     "offrl.stats.aggregate": ("Interval", "auc", "bootstrap_ci", "iqm", "probability_of_improvement",
                               "probability_of_improvement_ci"),
-    "offrl.stats.compare": ("Comparison", "compare", "default_by"),
+    # ``compare`` itself is not re-exported: the name is taken by the submodule offrl.stats.compare,
+    # which Python binds on the package once imported (use ``from offrl.stats.compare import compare``).
+    "offrl.stats.compare": ("Comparison", "default_by"),
     "offrl.stats.load": ("config_columns", "final_values", "find_runs", "load_runs", "metric_columns",
                          "trial_table", "varying_columns"),
 }
