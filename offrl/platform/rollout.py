@@ -56,7 +56,8 @@ def build_policy(spec: dict, sim: Any, seed: int = 0):
     if kind == "expert":
         from offrl.envs.experts import make_expert
 
-        return make_expert(spec["name"], sim, **spec.get("kwargs", {}))
+        kwargs = {"seed": seed, **spec.get("kwargs", {})}
+        return make_expert(spec["name"], sim, **kwargs)
     raise ValueError(f"unknown policy kind {kind!r}")
 
 

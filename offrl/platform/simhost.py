@@ -202,15 +202,26 @@ class SimHostPool:
     def pids(self) -> list[int]:
         return self.call("pid")
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 10.0) -> None:
+        """Kill the actors and wait (up to ``wait_s``) until Ray has given their resources back, so a
+        pool created right after can size itself to the whole cluster again."""
         import ray
 
+        if not self.hosts:
+            return
+        cpus = float(self.cluster_cfg.cpus_per_host) * len(self.hosts)
+        before = ray.available_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
         for h in self.hosts:
             try:
                 ray.kill(h)
             except Exception:
                 pass
         self.hosts = []
+        deadline = time.time() + wait_s
+        while ray.is_initialized() and time.time() < deadline:
+            if ray.available_resources().get("CPU", 0.0) >= before + cpus - 1e-6:
+                break
+            time.sleep(0.05)
 
 
 def concat_rollouts(results: list[dict]) -> dict:
