@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: system $(STAMP)
 
 quickstart: install
-	$(VPY) -m offrl rollout tune_configs/quickstart.yaml
+	bash scripts/quickstart.sh
 
 test: install
 	$(VPY) -m pytest -q -ra tests

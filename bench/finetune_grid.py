@@ -19,6 +19,16 @@ import sys
 from pathlib import Path
 
 
+def _table(rows: list[dict]) -> str:
+    lines = ["| advantage | update | seed | success before | success after | 95% CI after | env steps | re-rollout steps |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
+    for s in rows:
+        lo, hi = s["success_after_ci95"]
+        lines.append(f"| {s['advantage']} | {s['update']} | {s['seed']} | {s['success_before']:.2f} | "
+                     f"{s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {s['env_steps']} | {s['rerollout_steps']} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from offrl.config import load_config
@@ -31,8 +41,22 @@ def main() -> int:
     ap.add_argument("--updates", nargs="+", default=["ppo", "awr", "push_away"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--root", default="runs/finetune_grid", help="where the runs go")
+    ap.add_argument("--from-dir", default=None,
+                    help="only tabulate the finetune_summary.json of runs found under this folder "
+                         "(e.g. a sweep's experiment dir); runs nothing")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args()
+
+    if args.from_dir:
+        rows = []
+        for f in sorted(Path(args.from_dir).rglob("finetune_summary.json")):
+            import yaml
+
+            cfg = yaml.safe_load((f.parent / "config.yaml").read_text())
+            rows.append(json.loads(f.read_text()) | {"seed": cfg["seed"], "run": str(f.parent)})
+        rows.sort(key=lambda r: (r["advantage"], r["update"], r["seed"]))
+        print(_table(rows))
+        return 0
 
     root = Path(args.root)
     init_ray(load_config(args.config, args.overrides).cluster)
@@ -51,13 +75,7 @@ def main() -> int:
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
         rows.append(s | {"seed": seed, "run": str(run)})
-    lines = ["| advantage | update | seed | success before | success after | 95% CI after | env steps | re-rollout steps |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
-    for s in rows:
-        lo, hi = s["success_after_ci95"]
-        lines.append(f"| {s['advantage']} | {s['update']} | {s['seed']} | {s['success_before']:.2f} | "
-                     f"{s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {s['env_steps']} | {s['rerollout_steps']} |")
-    table = "\n".join(lines)
+    table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)
     (root / "finetune_grid.md").write_text(table + "\n")

@@ -59,6 +59,12 @@ class ScriptedExpert:
         """The privileged state the expert reads from one unwrapped ManiSkill env, as ``[b, ...]`` arrays."""
         raise NotImplementedError
 
+    def resume(self, s: dict[str, np.ndarray], ids: Any, envs: list) -> None:
+        """Set the state machines of envs ``ids`` for a scene restored mid-episode (default: start over)."""
+        mask = np.zeros(self.n, bool)
+        mask[list(ids)] = True
+        self.reset(mask)
+
     def clean_action(self, s: dict[str, np.ndarray]) -> np.ndarray:
         """Noise-free actions ``[n, act_dim]`` for the privileged state ``s``; advances the state machines."""
         raise NotImplementedError
@@ -102,6 +108,23 @@ class PickCubeExpert(ScriptedExpert):
 
     def privileged(self, env: Any) -> dict[str, np.ndarray]:
         return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": _np(env.goal_site.pose.p)}
+
+    def resume(self, s: dict[str, np.ndarray], ids: Any, envs: list) -> None:
+        """A restored scene: carry on if the cube is in the gripper (LIFT below the carry height, else
+        CARRY, keeping the current TCP-to-cube offset), keep descending if the open gripper is already
+        over the cube, otherwise start over from HOVER."""
+        grasped = np.concatenate([_np(e.agent.is_grasping(e.cube)).reshape(-1) for e in envs]).astype(bool)
+        for i in ids:
+            self.counter[i] = 0
+            if grasped[i]:
+                self.offset[i] = s["tcp"][i] - s["cube"][i]
+                lifted = s["cube"][i][2] >= max(s["goal"][i][2], self.lift_height) - 0.01
+                self.phase[i] = self.CARRY if lifted else self.LIFT
+            elif (np.linalg.norm((s["cube"][i] - s["tcp"][i])[:2]) < 2 * self.xy_tol
+                  and s["tcp"][i][2] < s["cube"][i][2] + self.hover_height + 0.01):
+                self.phase[i] = self.DESCEND  # above the cube on the way down: keep descending
+            else:
+                self.phase[i] = self.HOVER
 
     def _move(self, tcp: np.ndarray, target: np.ndarray, cap: float) -> np.ndarray:
         d = self.gain * (target - tcp) / 0.1
@@ -190,6 +213,10 @@ class ExpertPolicy:
         """Privileged state of all ``sim.num_envs`` envs, concatenated over ``sim.raw_envs``."""
         parts = [self.expert.privileged(env) for env in sim.raw_envs]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    def on_restore(self, sim: Any, env_ids: Any) -> None:
+        """Called after ``sim.set_state`` (MC re-rollouts): resume the state machines of ``env_ids``."""
+        self.expert.resume(self.gather(sim), env_ids, sim.raw_envs)
 
     def __call__(self, obs: np.ndarray, sim: Any) -> tuple[np.ndarray, np.ndarray]:
         fresh = np.asarray(sim.elapsed_steps) == 0
