@@ -120,6 +120,18 @@ class _TimeLimit:
         return [int(s) for s in self.rng.integers(0, 2**31 - 1, size=n)]
 
 
+def _init_common(sim: Any, u: Any, max_episode_steps: int, env_kwargs: dict) -> None:
+    """Spaces, time limit and observation buffer shared by both backends (``u``: an unwrapped env)."""
+    sim.obs_dim = int(u.single_observation_space.shape[0])
+    sim.act_dim = int(u.single_action_space.shape[0])
+    sim.action_low = np.asarray(u.single_action_space.low, dtype=np.float32)
+    sim.action_high = np.asarray(u.single_action_space.high, dtype=np.float32)
+    sim._tl = _TimeLimit(sim.num_envs, max_episode_steps)
+    sim.max_episode_steps = sim._tl.max_episode_steps
+    sim.env_kwargs = env_kwargs
+    sim._obs = np.zeros((sim.num_envs, sim.obs_dim), dtype=np.float32)
+
+
 class ManiSkillCPUSim:
     """``K`` single-env ``physx_cpu`` ManiSkill instances stepped one after another in this process."""
 
@@ -134,16 +146,8 @@ class ManiSkillCPUSim:
         self.envs = [make_maniskill_env(env_id, num_envs=1, sim_backend="physx_cpu", control_mode=control_mode,
                                         obs_mode=obs_mode, reward_mode=reward_mode, sim_config=sim_config)
                      for _ in range(self.num_envs)]
-        u = self.envs[0]
-        self.obs_dim = int(u.single_observation_space.shape[0])
-        self.act_dim = int(u.single_action_space.shape[0])
-        self.action_low = np.asarray(u.single_action_space.low, dtype=np.float32)
-        self.action_high = np.asarray(u.single_action_space.high, dtype=np.float32)
-        self._tl = _TimeLimit(self.num_envs, max_episode_steps)
-        self.max_episode_steps = self._tl.max_episode_steps
-        self.env_kwargs = dict(control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
-                               sim_backend="physx_cpu")
-        self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
+        _init_common(self, self.envs[0], max_episode_steps, dict(control_mode=control_mode, obs_mode=obs_mode,
+                                                                 reward_mode=reward_mode, sim_backend="physx_cpu"))
 
     # -- helpers
     def _reset_one(self, i: int, seed: int) -> np.ndarray:
@@ -244,17 +248,9 @@ class ManiSkillGPUSim:
         self.env = make_maniskill_env(env_id, num_envs=self.num_envs, sim_backend="physx_cuda",
                                       control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
                                       sim_config=sim_config)
-        u = self.env
-        self.device = u.device
-        self.obs_dim = int(u.single_observation_space.shape[0])
-        self.act_dim = int(u.single_action_space.shape[0])
-        self.action_low = np.asarray(u.single_action_space.low, dtype=np.float32)
-        self.action_high = np.asarray(u.single_action_space.high, dtype=np.float32)
-        self._tl = _TimeLimit(self.num_envs, max_episode_steps)
-        self.max_episode_steps = self._tl.max_episode_steps
-        self.env_kwargs = dict(control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
-                               sim_backend="physx_cuda")
-        self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float32)
+        self.device = self.env.device
+        _init_common(self, self.env, max_episode_steps, dict(control_mode=control_mode, obs_mode=obs_mode,
+                                                             reward_mode=reward_mode, sim_backend="physx_cuda"))
 
     @property
     def elapsed_steps(self) -> np.ndarray:
