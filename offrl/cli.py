@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     if required:
-        p.add_argument("config", help="experiment YAML file (e.g. tune_configs/quickstart.yaml)")
+        p.add_argument("config", help="experiment YAML file (e.g. tune_configs/rollout.yaml)")
     else:
         p.add_argument("config", nargs="?", default=None, help="experiment YAML file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)

@@ -20,17 +20,17 @@ step "2/4 pretrain BC actor + IQL critics -> $OUT/pretrain/bc_iql"
 $PY -m offrl pretrain tune_configs/pretrain_bc_iql.yaml "pretrain.dataset=$OUT/demos.h5" pretrain.epochs=10 \
     pretrain.eval_episodes=20 pretrain.checkpoint_every=5 "run.root=$OUT" run.experiment=pretrain run.trial=bc_iql
 
-step "3/4 finetuning sweep {gae, iql} x {ppo, awr} -> $OUT/sweep_quickstart"
-$PY -m offrl sweep tune_configs/sweep_quickstart.yaml "finetune.checkpoint=$OUT/pretrain/bc_iql" --storage "$OUT"
+step "3/4 finetuning sweep {gae, iql} x {ppo, awr} -> $OUT/quickstart"
+$PY -m offrl sweep tune_configs/quickstart.yaml "finetune.checkpoint=$OUT/pretrain/bc_iql" --storage "$OUT"
 
 step "4/4 statistics"
-$PY -m offrl stats compare "$OUT/sweep_quickstart" --metric eval/success_rate \
+$PY -m offrl stats compare "$OUT/quickstart" --metric eval/success_rate \
     --by finetune.advantage finetune.update --out "$OUT/stats"
 
 echo
 echo "=== offrl quickstart done in $(( $(date +%s) - start ))s. Outputs:"
 echo "  demonstrations      $OUT/demos.h5 (+ .json)"
 echo "  pretrained policy   $OUT/pretrain/bc_iql   (eval.json, checkpoints/, metrics.csv)"
-echo "  finetuning sweep    $OUT/sweep_quickstart  (one run directory per trial)"
+echo "  finetuning sweep    $OUT/quickstart  (one run directory per trial)"
 echo "  report              $OUT/stats/            (markdown, CSV, learning curves and interval PNGs)"
 echo "  TensorBoard         .venv/bin/tensorboard --logdir $OUT"

@@ -42,10 +42,10 @@ def test_config_keys_documents_everything():
 
 def test_rollout_job_writes_a_run_directory(tmp_path):
     root = tmp_path / "runs"
-    r = run_cli("rollout", "tune_configs/quickstart.yaml", f"run.root={root}", "run.trial=t1", "env.num_envs=1",
+    r = run_cli("rollout", "tune_configs/rollout.yaml", f"run.root={root}", "run.trial=t1", "env.num_envs=1",
                 "rollout.iterations=2", "rollout.steps_per_iter=30", "run.progress=false", "cluster.num_cpus=2")
     assert r.returncode == 0, r.stderr[-2000:]
-    run = root / "quickstart" / "t1"
+    run = root / "rollout" / "t1"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["env"]["num_envs"] == 1 and cfg["rollout"]["iterations"] == 2
     meta = json.loads((run / "meta.json").read_text())
@@ -55,13 +55,13 @@ def test_rollout_job_writes_a_run_directory(tmp_path):
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "120" / "model.safetensors").exists()  # 2 iters x 30 steps x 1 env x 2 hosts
     # the same trial again is refused without touching the existing run
-    r2 = run_cli("rollout", "tune_configs/quickstart.yaml", f"run.root={root}", "run.trial=t1")
+    r2 = run_cli("rollout", "tune_configs/rollout.yaml", f"run.root={root}", "run.trial=t1")
     assert r2.returncode == 2 and "exists already" in r2.stderr
 
 
 def test_unknown_env_id_leaves_nothing_behind(tmp_path):
     root = tmp_path / "runs"
-    r = run_cli("rollout", "tune_configs/quickstart.yaml", f"run.root={root}", "env.id=PickCub-v1",
+    r = run_cli("rollout", "tune_configs/rollout.yaml", f"run.root={root}", "env.id=PickCub-v1",
                 "cluster.num_cpus=1", "cluster.max_restarts=0")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("offrl: error: unknown env id 'PickCub-v1'")

@@ -20,7 +20,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              "give no CONFIG, KEY=VALUE or --dry-run with it")
         return resume_sweep(args.resume)
     if not args.config:
-        raise OffrlError("give a sweep YAML (e.g. tune_configs/sweep_quickstart.yaml) or --resume EXPERIMENT_DIR")
+        raise OffrlError("give a sweep YAML (e.g. tune_configs/quickstart.yaml) or --resume EXPERIMENT_DIR")
     if "=" in args.config and not Path(args.config).exists():
         raise OffrlError(f"the first argument must be a sweep YAML file, got {args.config!r}")
     sweep = load_sweep(args.config, args.overrides)
@@ -48,12 +48,12 @@ def register(subparsers) -> None:
             "experiment (finetune.iterations=2) and to the sweep settings (sweep.seeds=[0] sweep.max_concurrent=1); "
             "overriding a swept key fixes it.", 100) + "\n\nKeys of the `sweep:` section:\n" + sweep_keys(),
         epilog="examples:\n"
-               "  offrl sweep tune_configs/sweep_quickstart.yaml --dry-run\n"
+               "  offrl sweep tune_configs/quickstart.yaml --dry-run\n"
                "  offrl sweep tune_configs/advantage_x_update.yaml sweep.seeds=[0] finetune.iterations=5\n"
                "  offrl sweep --resume runs/advantage_x_update\n"
                "  offrl stats compare runs/advantage_x_update --by finetune.advantage finetune.update")
     p.add_argument("config", nargs="?", default=None,
-                   help="sweep YAML: an experiment plus a `sweep:` section (e.g. tune_configs/sweep_quickstart.yaml)")
+                   help="sweep YAML: an experiment plus a `sweep:` section (e.g. tune_configs/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the experiment and of sweep.* keys, values read as YAML; quote values with "
                         "braces or commas: 'sweep.axes.finetune.update={grid_search: [ppo, awr]}'")

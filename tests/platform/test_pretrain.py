@@ -93,9 +93,9 @@ def test_eval_cli_on_a_bc_policy(tmp_path, expert_dataset, ray_cluster):
 
 
 def test_pretrain_cli_errors(tmp_path):
-    r = run_cli("pretrain", "tune_configs/quickstart.yaml", f"pretrain.dataset={tmp_path}/none.h5")
+    r = run_cli("pretrain", "tune_configs/rollout.yaml", f"pretrain.dataset={tmp_path}/none.h5")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "none.h5" in r.stderr
-    r = run_cli("pretrain", "tune_configs/quickstart.yaml", "pretrain.algo=ppo")
+    r = run_cli("pretrain", "tune_configs/rollout.yaml", "pretrain.algo=ppo")
     assert r.returncode == 2 and "pretrain.algo" in r.stderr
     r = run_cli("eval", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr

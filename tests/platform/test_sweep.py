@@ -40,7 +40,7 @@ def fake_inputs(tmp_path):
 # ------------------------------------------------------------------------------------------ parsing
 
 @pytest.mark.parametrize("name, job, trials, axes", [
-    ("sweep_quickstart.yaml", "finetune", 4, ["finetune.advantage", "finetune.update"]),
+    ("quickstart.yaml", "finetune", 4, ["finetune.advantage", "finetune.update"]),
     ("advantage_x_update.yaml", "finetune", 36, ["finetune.advantage", "finetune.update"]),
     ("pretrain_sweep.yaml", "pretrain", 9, ["pretrain.algo"]),
 ])
@@ -55,9 +55,9 @@ def test_shipped_sweeps_parse(fake_inputs, name, job, trials, axes):
     assert sweep.base["cluster"]["num_hosts"] >= 1
 
 
-def test_quickstart_rollout_config_is_not_a_sweep():
+def test_rollout_config_is_not_a_sweep():
     with pytest.raises(OffrlError, match="no `sweep:` section"):
-        load_sweep(CONFIGS / "quickstart.yaml")
+        load_sweep(CONFIGS / "rollout.yaml")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -85,12 +85,12 @@ def test_quickstart_rollout_config_is_not_a_sweep():
 ])
 def test_mistakes_name_the_key(fake_inputs, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_sweep(CONFIGS / "sweep_quickstart.yaml", [f"finetune.checkpoint={fake_inputs.checkpoint}", override])
+        load_sweep(CONFIGS / "quickstart.yaml", [f"finetune.checkpoint={fake_inputs.checkpoint}", override])
 
 
 def test_missing_inputs_are_refused_before_anything_runs(tmp_path, fake_inputs):
     with pytest.raises(OffrlError, match="checkpoint not found"):
-        load_sweep(CONFIGS / "sweep_quickstart.yaml", [f"finetune.checkpoint={tmp_path / 'nope'}"])
+        load_sweep(CONFIGS / "quickstart.yaml", [f"finetune.checkpoint={tmp_path / 'nope'}"])
     with pytest.raises(OffrlError, match="pretrain.dataset not found"):
         load_sweep(CONFIGS / "pretrain_sweep.yaml", [f"pretrain.dataset={tmp_path / 'nope.h5'}"])
 
@@ -98,7 +98,7 @@ def test_missing_inputs_are_refused_before_anything_runs(tmp_path, fake_inputs):
 def test_overrides_fix_axes_and_paths_become_absolute(tmp_path, fake_inputs, monkeypatch):
     monkeypatch.chdir(fake_inputs.checkpoint.parent)
     notes = []
-    sweep = load_sweep(CONFIGS / "sweep_quickstart.yaml",
+    sweep = load_sweep(CONFIGS / "quickstart.yaml",
                        ["finetune.checkpoint=ckpt", "finetune.advantage=iql", "seed=7",
                         "sweep.axes.finetune.update={grid_search: [awr, push_away]}",
                         "sweep.axes.finetune.actor_lr={loguniform: [1e-5, 1e-3]}",
@@ -152,7 +152,7 @@ def test_cli_dry_run_and_mistakes(fake_inputs, capsys):
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 36 and {r[1] for r in rows} == {"gae", "mc", "iql", "sarsa"}
     for argv, message in [
-        (["sweep", str(CONFIGS / "sweep_quickstart.yaml"), f"finetune.checkpoint={fake_inputs.checkpoint}",
+        (["sweep", str(CONFIGS / "quickstart.yaml"), f"finetune.checkpoint={fake_inputs.checkpoint}",
           "sweep.axes.finetune.update={grid_search: [ppo, adam]}"], "sweep.axes.finetune.update"),
         (["sweep"], "give a sweep YAML"),
         (["sweep", "--resume", str(fake_inputs.checkpoint)], "is not an offrl sweep"),
@@ -226,16 +226,16 @@ def test_finetune_sweep_on_ray_then_stats_compare(tmp_path, tiny_bc_iql_run, ray
     from offrl.stats.compare import compare
     from offrl.stats.load import load_runs, varying_columns
 
-    sweep = load_sweep(CONFIGS / "sweep_quickstart.yaml", [
+    sweep = load_sweep(CONFIGS / "quickstart.yaml", [
         f"finetune.checkpoint={tiny_bc_iql_run}", "sweep.axes.finetune.update={grid_search: [awr]}",
         "finetune.iterations=1", "finetune.steps_per_iter=4", "finetune.eval_every=1", "finetune.eval_episodes=1",
         "env.num_envs=1", "run.tensorboard=false"], log=lambda *a: None)
-    assert main(["sweep", "--dry-run", str(CONFIGS / "sweep_quickstart.yaml"),
+    assert main(["sweep", "--dry-run", str(CONFIGS / "quickstart.yaml"),
                  f"finetune.checkpoint={tiny_bc_iql_run}"]) == 0
     capsys.readouterr()
     assert run_sweep(sweep, tmp_path) == 0
     out = capsys.readouterr().out
-    exp = tmp_path / "sweep_quickstart"
+    exp = tmp_path / "quickstart"
     assert "2 trials: 2 finished, 0 failed" in out
     assert f"offrl stats compare {exp} --metric eval/success_rate --by finetune.advantage finetune.update" in out
     trials = sorted(p for p in exp.iterdir() if p.is_dir())
@@ -270,7 +270,7 @@ def test_finetune_sweep_on_ray_then_stats_compare(tmp_path, tiny_bc_iql_run, ray
     assert (exp / "stats" / "compare_eval_success_rate.md").exists()
     with pytest.raises(OffrlError, match="exists already"):
         run_sweep(sweep, tmp_path)
-    too_big = load_sweep(CONFIGS / "sweep_quickstart.yaml", [f"finetune.checkpoint={tiny_bc_iql_run}",
+    too_big = load_sweep(CONFIGS / "quickstart.yaml", [f"finetune.checkpoint={tiny_bc_iql_run}",
                                                              "cluster.num_hosts=4", "sweep.name=too_big"])
     with pytest.raises(OffrlError, match=r"a trial needs 2.5 CPU .* but the Ray cluster has 2 CPU"):
         run_sweep(too_big, tmp_path)
