@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from offrl.algos.networks import GaussianActor
+from offrl.algos.optim import guarded_step
 
 
 def bc_loss(actor: GaussianActor, obs: torch.Tensor, actions: torch.Tensor, kind: str = "mle") -> tuple[torch.Tensor, dict]:
@@ -47,15 +48,8 @@ class BCLearner:
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.actor.train()
         loss, metrics = bc_loss(self.actor, batch["obs"], batch["actions"], self.loss_kind)
-        if not torch.isfinite(loss):
-            from offrl.errors import OffrlError
-
-            raise OffrlError(f"BC loss became {float(loss)} at step {self.step}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.actor.parameters(), self.grad_clip)
-        self.opt.step()
+        guarded_step(self.opt, loss, self.actor.parameters(), self.grad_clip,
+                     "BC loss became {loss} at step " + str(self.step))
         self.step += 1
         return metrics
 

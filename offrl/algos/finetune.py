@@ -22,6 +22,7 @@ from torch import nn
 from offrl.algos.advantages import critic_advantage, gae
 from offrl.algos.critics import Critics, VNet, iql_q_loss, iql_value_loss
 from offrl.algos.networks import GaussianActor
+from offrl.algos.optim import guarded_step
 from offrl.algos.policy_losses import awr_loss, normalize, ppo_loss, push_away_awr_loss, value_loss
 from offrl.errors import OffrlError
 
@@ -71,13 +72,9 @@ class FinetuneLearner:
 
     # -------------------------------------------------------------------------------- updates
     def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
-        if not torch.isfinite(loss):
-            raise OffrlError(f"{what} loss became {float(loss)} at finetuning round {self.iteration}; "
-                             "the last good checkpoint is kept (lower the learning rate or the AWR temperature)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        opt.step()
+        guarded_step(opt, loss, params, self.cfg.grad_clip,
+                     f"{what} loss became {{loss}} at finetuning round {self.iteration}; "
+                     "the last good checkpoint is kept (lower the learning rate or the AWR temperature)")
 
     def update(self, batch: Mapping[str, torch.Tensor], train_actor: bool = True) -> dict[str, float]:
         """Epochs x minibatches of the chosen rule on one round's data; returns averaged metrics."""

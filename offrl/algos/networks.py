@@ -5,7 +5,6 @@ Shapes: observations ``[B, obs_dim]``, actions ``[B, act_dim]``.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -145,15 +144,3 @@ def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:
 
 def load_numpy_state_dict(module: nn.Module, weights: dict[str, np.ndarray]) -> None:
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
-    """Orthogonal weights and zero biases (common for PPO-style MLPs)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.orthogonal_(m.weight, gain)
-            nn.init.zeros_(m.bias)

@@ -26,7 +26,7 @@ from torch import nn
 from offrl.algos.bc import bc_loss
 from offrl.algos.critics import (Critics, awr_weights, iql_q_loss, iql_value_loss, mc_critic_loss, td_target)
 from offrl.algos.networks import GaussianActor
-from offrl.errors import OffrlError
+from offrl.algos.optim import guarded_step
 
 
 class OfflineLearner:
@@ -64,14 +64,9 @@ class OfflineLearner:
 
     # ---------------------------------------------------------------- update
     def _opt_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
-        if not torch.isfinite(loss):
-            raise OffrlError(f"{what} loss became {float(loss)} at step {self.step}; "
-                             "lower the learning rate or check the dataset for extreme values")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(params, self.grad_clip)
-        opt.step()
+        guarded_step(opt, loss, params, self.grad_clip,
+                     f"{what} loss became {{loss}} at step {self.step}; "
+                     "lower the learning rate or check the dataset for extreme values")
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         m: dict[str, float] = {}

@@ -24,10 +24,8 @@ def _eval_chunks_on_host(host: Any, policy_spec: dict, starts: list[int], count:
     """
     from offrl.platform.rollout import EpisodeTracker, build_policy
 
-    sim = host.sim
-    saved = (sim.get_state(), host.obs.copy(), host.tracker) if hasattr(host, "tracker") else None
     out: list[dict] = []
-    try:
+    with host.preserved() as sim:
         for start, n in zip(starts, count):
             policy = build_policy(policy_spec, sim, seed=start)
             obs = sim.reset(seed=start)
@@ -42,11 +40,6 @@ def _eval_chunks_on_host(host: Any, policy_spec: dict, starts: list[int], count:
                 if len(finished) >= n:
                     break
             out += [finished[i] for i in sorted(finished)]
-    finally:
-        if saved is not None:
-            sim.set_state(saved[0])
-            host.obs = saved[1]
-            host.tracker = saved[2]
     return out
 
 

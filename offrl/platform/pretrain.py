@@ -146,7 +146,6 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         learner, arch = build_learner(cfg, ds.obs_dim, ds.act_dim, low, high)
         start_epoch = 0
         if resume:
-            run_dir = Path(run_dir)
             state = load_checkpoint(ckpt_root, learner.modules(), optimizers=learner.optimizers(),
                                     generators=learner.generators())
             learner.load_extra_state(state)

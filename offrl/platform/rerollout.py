@@ -81,19 +81,14 @@ def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optio
     """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
     from offrl.platform.rollout import build_policy
 
-    sim = host.sim
-    saved_state, saved_obs, saved_tracker = sim.get_state(), host.obs.copy(), host.tracker
     t0 = time.perf_counter()
-    try:
+    with host.preserved() as sim:
         policy = build_policy(policy_spec, sim, seed=seed)
         q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma)
         v = None
         if actions is not None:
             v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma)
             steps += steps_v
-    finally:
-        sim.set_state(saved_state)
-        host.obs, host.tracker = saved_obs, saved_tracker
     return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
@@ -101,8 +96,6 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
                    horizon: int, gamma: float, seed: int = 0) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
     total env steps and wall seconds."""
-    import ray
-
     B = len(states["elapsed_steps"])
     parts = np.array_split(np.arange(B), len(pool))
     refs, order = [], []
@@ -121,5 +114,4 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
         q[idx] = r["q"]
         if v is not None:
             v[idx] = r["v"]
-    del ray
     return {"q": q, "v": v, "steps": sum(r["steps"] for r in results), "seconds": time.perf_counter() - t0}

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from offrl.config import save_config, to_dict
+from offrl.config import save_config
 from offrl.errors import OffrlError
 
 _PACKAGES = ("offrl", "torch", "ray", "mani_skill", "sapien", "numpy", "gymnasium", "h5py", "pandas")
@@ -70,6 +70,3 @@ def create_run_dir(cfg: Any, *, exist_ok: bool = False, command: str | None = No
     (path / "meta.json").write_text(json.dumps(meta_dict(command), indent=2))
     return path
 
-
-def resolved_config_dict(cfg: Any) -> dict:
-    return to_dict(cfg)

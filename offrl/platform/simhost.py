@@ -9,6 +9,7 @@ re-seeding the sim) and redoes the call, so the caller still receives a complete
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -92,6 +93,17 @@ class SimHostImpl:
         without growing this class; ``host.sim`` is the BatchedSim, ``host.obs`` its current observation.
         """
         return fn(self, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def preserved(self):
+        """Run side work (evaluation, re-rollouts) on the sim, then put back the rollout in progress:
+        sim state, current observation and episode tracker."""
+        state, obs, tracker = self.sim.get_state(), self.obs.copy(), self.tracker
+        try:
+            yield self.sim
+        finally:
+            self.sim.set_state(state)
+            self.obs, self.tracker = obs, tracker
 
     def snapshot(self, env_ids: Optional[Sequence[int]] = None) -> dict:
         return self.sim.get_state(env_ids)
