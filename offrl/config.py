@@ -10,6 +10,7 @@ Later stages (data, pretraining, finetuning, sweeps) add their own component dat
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,11 @@ class CriticConfig(_Checked):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
 
 
+def _check_bonus(bonus: Optional[float]) -> None:
+    if bonus is not None and not math.isfinite(bonus):
+        raise ConfigError("success_bonus", f"must be a finite number or null, got {bonus}")
+
+
 @dataclass(frozen=True)
 class PretrainConfig(_Checked):
     """Offline pretraining (offrl pretrain): behaviour cloning and critic pretraining."""
@@ -196,6 +202,10 @@ class PretrainConfig(_Checked):
     critic_lr: float = _f(3e-4, "Adam learning rate of the critics.")
     bc_loss: Literal["mle", "mse"] = _f("mle", "BC loss: Gaussian log-likelihood or MSE of the mean.")
     gamma: float = _f(0.8, "Discount (ManiSkill episodes are short; 0.8 is common).")
+    success_bonus: Optional[float] = _f(
+        None, "Reward added to the step that ends an episode with success (critic targets and MC returns). "
+              "null: (1 - gamma^H) / (1 - gamma) for normalized_dense rewards (H: the episode time limit), "
+              "so finishing is never worth less than hovering near the goal; 0 for other rewards.")
     expectile: float = _f(0.7, "IQL expectile tau for V (sarsa always uses 0.5).")
     beta: float = _f(3.0, "Policy extraction weight exp(beta * A) (iql / sarsa actor).")
     max_weight: float = _f(100.0, "Clip of exp(beta * A).")
@@ -219,6 +229,7 @@ class PretrainConfig(_Checked):
             raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError("gamma", f"must be in (0, 1], got {self.gamma}")
+        _check_bonus(self.success_bonus)
         if not 0.0 < self.expectile < 1.0:
             raise ConfigError("expectile", f"must be in (0, 1), got {self.expectile}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -283,6 +294,10 @@ class FinetuneConfig(_Checked):
     steps_per_iter: int = _f(50, "Env steps per env per round (on every SimHost).")
     gamma: float = _f(0.8, "Discount.")
     gae_lambda: float = _f(0.9, "GAE lambda.")
+    success_bonus: Optional[float] = _f(
+        None, "Reward added to the step that ends an episode with success (all estimators, re-rollouts "
+              "included). null: (1 - gamma^H) / (1 - gamma) for normalized_dense rewards (H: env.max_episode_steps), "
+              "so finishing is never worth less than hovering near the goal; 0 for other rewards.")
     epochs: int = _f(4, "Update epochs over each round's data.")
     minibatches: int = _f(4, "Minibatches per epoch.")
     actor_lr: float = _f(1e-4, "Adam learning rate of the actor.")
@@ -325,6 +340,7 @@ class FinetuneConfig(_Checked):
         for name in ("actor_lr", "critic_lr", "beta", "max_weight", "clip", "push_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        _check_bonus(self.success_bonus)
         if self.value_warmup_iters < 0:
             raise ConfigError("value_warmup_iters", f"must be >= 0, got {self.value_warmup_iters}")
         if self.rerollout_policy == "checkpoint" and not self.rerollout_checkpoint:

@@ -194,12 +194,26 @@ class OfflineDataset:
                 if not keys else "")
         raise OffrlError(f"{self.name}: no '{reward}' rewards; available: {', '.join(have) or 'none'}{hint}")
 
-    def episode_rewards(self, reward: str = "rewards") -> list[np.ndarray]:
-        """Per-episode reward arrays ``[T_i]`` float32 for the chosen reward (see module docstring)."""
+    def episode_rewards(self, reward: str = "rewards", success_bonus: float = 0.0) -> list[np.ndarray]:
+        """Per-episode reward arrays ``[T_i]`` float32 for the chosen reward (see module docstring).
+
+        ``success_bonus`` is added to the step that ends an episode with success (terminated and success;
+        see :mod:`offrl.algos.rewards`); it needs success flags in the data.
+        """
         key = self._reward_key(reward)
         if key == "success":
-            return [e.success.astype(np.float32) for e in self.episodes]
-        return [e.rewards[key] for e in self.episodes]
+            out = [e.success.astype(np.float32) for e in self.episodes]
+        else:
+            out = [e.rewards[key] for e in self.episodes]
+        if success_bonus == 0:
+            return out
+        from offrl.algos.rewards import add_success_bonus
+
+        if any(e.success is None for e in self.episodes):
+            raise OffrlError(f"{self.name}: a success bonus needs per-step success flags, which this data lacks "
+                             "(set pretrain.success_bonus=0)")
+        return [add_success_bonus(r, e.terminated, e.success.astype(bool), success_bonus)
+                for r, e in zip(out, self.episodes)]
 
     def episode(self, i: int, reward: str = "rewards") -> dict[str, torch.Tensor]:
         """Episode ``i`` as tensors: obs ``[T+1, d]``, action ``[T, a]``, reward, terminated, truncated ``[T]``."""
@@ -211,7 +225,8 @@ class OfflineDataset:
             out["success"] = torch.from_numpy(e.success)
         return out
 
-    def transitions(self, reward: str = "rewards", device: Any = None) -> dict[str, torch.Tensor]:
+    def transitions(self, reward: str = "rewards", device: Any = None,
+                    success_bonus: float = 0.0) -> dict[str, torch.Tensor]:
         """All steps as flat tensors ``[N, ...]``, episodes in order.
 
         Keys: ``obs`` and ``next_obs`` [N, obs_dim] float32, ``action`` [N, act_dim] float32, ``reward`` [N]
@@ -219,7 +234,7 @@ class OfflineDataset:
         and ``step`` [N] int64, and ``success`` [N] bool when the data has it.
         """
         eps = self.episodes
-        rewards = self.episode_rewards(reward)
+        rewards = self.episode_rewards(reward, success_bonus)
         lengths = self.lengths
         last = np.zeros(int(lengths.sum()), bool)
         last[np.cumsum(lengths) - 1] = True
@@ -238,7 +253,7 @@ class OfflineDataset:
             out["success"] = np.concatenate([e.success for e in eps])
         return {k: torch.as_tensor(v, device=device) for k, v in out.items()}
 
-    def mc_returns(self, gamma: float, reward: str = "rewards") -> torch.Tensor:
+    def mc_returns(self, gamma: float, reward: str = "rewards", success_bonus: float = 0.0) -> torch.Tensor:
         """Discounted return-to-go per step, ``[N]`` float32 aligned with :meth:`transitions`.
 
         ``G_t = r_t + gamma * G_{t+1}`` within an episode and ``G_T = 0`` after its last step (the end of
@@ -246,7 +261,7 @@ class OfflineDataset:
         """
         if not 0.0 <= gamma <= 1.0:
             raise OffrlError(f"gamma must be in [0, 1], got {gamma}")
-        rewards = self.episode_rewards(reward)
+        rewards = self.episode_rewards(reward, success_bonus)
         lengths = self.lengths
         E, Tmax = len(rewards), int(lengths.max())
         r = np.zeros((E, Tmax), np.float64)

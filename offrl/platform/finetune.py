@@ -97,7 +97,7 @@ def _rerollout_spec(cfg: Any, actor_spec_now: dict) -> dict:
 
 
 def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, cfg: Any, rng: np.random.Generator,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+                  seed: int, success_bonus: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Re-roll a random ``mc_fraction`` of the round's (state, action) pairs inside the actors.
 
     Returns (flat indices into ``[T * N]``, advantages for them, stats).
@@ -117,7 +117,7 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, cfg: A
         states.append(index_state(results[h]["states"][t], n - offsets[h]))
         actions.append(data["actions"][t, n])
     out = rerollout_pool(pool, spec, stack_states(states), np.stack(actions), fc.mc_samples, fc.mc_horizon,
-                         fc.gamma, seed)
+                         fc.gamma, seed, success_bonus)
     adv, q, v = mc_rerollout_advantage(torch.from_numpy(out["q"]), torch.from_numpy(out["v"]))
     return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
                                                     "q_mean": float(q.mean()), "v_mean": float(v.mean())}
@@ -131,6 +131,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
     """
     from offrl.algos.finetune import FinetuneLearner
+    from offrl.algos.rewards import add_success_bonus, auto_success_bonus
     from offrl.platform.checkpoint import save_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
@@ -144,6 +145,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     torch.manual_seed(cfg.seed)
     cfg, arch, actor, value, critics, start_ckpt = _load_start(cfg, log)
     fc = cfg.finetune
+    bonus = auto_success_bonus(fc.success_bonus, cfg.env.reward_mode, fc.gamma, cfg.env.max_episode_steps)
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
     run_dir = None
@@ -157,7 +159,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         rng = np.random.default_rng(cfg.seed)
         T, N = fc.steps_per_iter, pool.num_envs
         log(f"[offrl] finetune {fc.advantage} x {fc.update} from {start_ckpt}: {len(pool)} SimHosts x "
-            f"{pool.spec['num_envs']} envs, {fc.iterations} rounds x {T * N} env steps")
+            f"{pool.spec['num_envs']} envs, {fc.iterations} rounds x {T * N} env steps"
+            + (f", success bonus {bonus:.3g}" if bonus else ""))
 
         def do_eval() -> dict:
             return evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), fc.eval_episodes, cfg.eval.seed)
@@ -184,6 +187,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                                    record_states=fc.advantage == "mc")
             t_roll = time.perf_counter() - t0
             data = concat_rollouts(results)
+            data["rewards"] = add_success_bonus(data["rewards"], data["terminated"], data["success"], bonus)
             env_steps += T * N
             row: dict[str, float] = {M.ENV_SPS: T * N / t_roll, M.ENV_STEPS: env_steps}
             batch = {"obs": _flat(data["obs"]), "actions": _flat(data["actions"]),
@@ -198,7 +202,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                 batch["adv"] = learner.critic_advantages(batch["obs"], batch["actions"])
             else:
                 idx, adv, st = mc_advantages(pool, results, data, _rerollout_spec(cfg, spec), cfg, rng,
-                                             seed=cfg.seed * 100_003 + it)
+                                             seed=cfg.seed * 100_003 + it, success_bonus=bonus)
                 batch = {k: v[torch.from_numpy(idx)] for k, v in batch.items()}
                 batch["adv"] = torch.from_numpy(adv)
                 rr_steps += st["steps"]

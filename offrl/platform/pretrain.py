@@ -32,11 +32,20 @@ def _reward_name(cfg: Any) -> str:
     return "rewards" if cfg.pretrain.reward == "dataset" else cfg.pretrain.reward
 
 
-def training_tensors(ds: Any, gamma: float, reward: str) -> dict[str, torch.Tensor]:
+def success_bonus(cfg: Any, ds: Any) -> float:
+    """The critics' terminal success bonus (``pretrain.success_bonus``; see :mod:`offrl.algos.rewards`)."""
+    from offrl.algos.rewards import auto_success_bonus
+
+    mode = ds.reward_mode if cfg.pretrain.reward == "dataset" else cfg.pretrain.reward
+    return auto_success_bonus(cfg.pretrain.success_bonus, mode, cfg.pretrain.gamma, cfg.env.max_episode_steps)
+
+
+def training_tensors(ds: Any, gamma: float, reward: str, bonus: float = 0.0) -> dict[str, torch.Tensor]:
     """Dataset transitions in the learner's batch contract (see :mod:`offrl.algos.offline`)."""
-    t = ds.transitions(reward)
+    t = ds.transitions(reward, success_bonus=bonus)
     return {"obs": t["obs"], "actions": t["action"], "rewards": t["reward"], "next_obs": t["next_obs"],
-            "terminated": t["terminated"], "truncated": t["truncated"], "mc_return": ds.mc_returns(gamma, reward)}
+            "terminated": t["terminated"], "truncated": t["truncated"],
+            "mc_return": ds.mc_returns(gamma, reward, success_bonus=bonus)}
 
 
 def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float], action_high: Sequence[float]):
@@ -116,11 +125,12 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         train, val = ds.split(pc.val_fraction, seed=cfg.seed)
     else:
         train, val = ds, None
-    data = training_tensors(train, pc.gamma, reward)
-    vdata = training_tensors(val, pc.gamma, reward) if val is not None else None
+    bonus = success_bonus(cfg, ds) if pc.critic_mode else 0.0
+    data = training_tensors(train, pc.gamma, reward, bonus)
+    vdata = training_tensors(val, pc.gamma, reward, bonus) if val is not None else None
     n = data["obs"].shape[0]
     log(f"[offrl] {pc.algo} on {ds.name}: {len(train)} train / {len(val) if val else 0} val episodes, "
-        f"{n} train transitions, reward '{reward}'")
+        f"{n} train transitions, reward '{reward}'" + (f" + success bonus {bonus:.3g}" if bonus else ""))
 
     run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
     ckpt_root = run_dir / "checkpoints"

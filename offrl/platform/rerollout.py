@@ -32,12 +32,13 @@ def index_state(state: dict, idx: Any) -> dict:
 
 
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
-                     horizon: int, gamma: float) -> tuple[np.ndarray, int]:
+                     horizon: int, gamma: float, success_bonus: float = 0.0) -> tuple[np.ndarray, int]:
     """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
 
     ``actions [B, a]``: the first action of every re-rollout (Q(s, a)); None: the policy picks it (V(s)).
     Returns (returns, env steps taken). ``sim`` must be an auto-resetting BatchedSim; steps after an
-    env's episode ended are ignored.
+    env's episode ended are ignored. ``success_bonus`` is added to the reward of a step that ends the
+    episode with success (see :mod:`offrl.algos.rewards`).
     """
     B = len(states["elapsed_steps"])
     K = sim.num_envs
@@ -66,6 +67,8 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
                 act[:n] = actions[[b for b, _ in chunk]]
             cur, rew, term, trunc, info = sim.step(act)
             steps += int(alive.sum())
+            if success_bonus:
+                rew = rew + success_bonus * (term & info["success"])
             ret += np.where(alive, disc * rew, 0.0)
             disc *= gamma
             alive &= ~info["done"]
@@ -77,23 +80,23 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
 
 
 def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                      horizon: int, gamma: float, seed: int) -> dict:
+                      horizon: int, gamma: float, seed: int, success_bonus: float = 0.0) -> dict:
     """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
     from offrl.platform.rollout import build_policy
 
     t0 = time.perf_counter()
     with host.preserved() as sim:
         policy = build_policy(policy_spec, sim, seed=seed)
-        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma)
+        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus)
         v = None
         if actions is not None:
-            v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma)
+            v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma, success_bonus)
             steps += steps_v
     return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
 def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                   horizon: int, gamma: float, seed: int = 0) -> dict:
+                   horizon: int, gamma: float, seed: int = 0, success_bonus: float = 0.0) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
     total env steps and wall seconds."""
     B = len(states["elapsed_steps"])
@@ -105,7 +108,7 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
             continue
         sub_actions = None if actions is None else actions[idx]
         refs.append(h.apply.remote(rerollout_on_host, policy_spec, index_state(states, idx), sub_actions,
-                                   samples, horizon, gamma, seed + 7919 * i))
+                                   samples, horizon, gamma, seed + 7919 * i, success_bonus))
         order.append(idx)
     results = pool._get(refs)
     q = np.zeros((B, samples))

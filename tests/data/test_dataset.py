@@ -140,3 +140,24 @@ def test_merge_concatenates_and_refuses_mismatches(tmp_path, expert_ds):
     other = OfflineDataset([make_episode(2, obs_dim=42)], synthetic_meta(42))
     with pytest.raises(OffrlError, match="action size 2 != 4"):
         OfflineDataset.merge([a, other])
+
+
+def test_success_bonus_in_rewards_and_mc_returns():
+    # the bonus goes on the final, successful step only: [1, 0, 2 + 4] and [3 + 4]
+    ds = OfflineDataset([make_episode(3, rewards=[1, 0, 2]), make_episode(1, rewards=[3])], synthetic_meta())
+    t = ds.transitions(success_bonus=4.0)
+    torch.testing.assert_close(t["reward"], torch.tensor([1.0, 0.0, 6.0, 7.0]))
+    torch.testing.assert_close(ds.mc_returns(0.5, success_bonus=4.0), torch.tensor([2.5, 3.0, 6.0, 7.0]))
+    torch.testing.assert_close(ds.transitions()["reward"], torch.tensor([1.0, 0.0, 2.0, 3.0]))  # default: none
+    # a truncated (unsuccessful) episode gets nothing
+    e = make_episode(2, rewards=[1, 1])
+    e.terminated[:] = False
+    e.truncated[-1] = True
+    e.success[:] = False
+    torch.testing.assert_close(OfflineDataset([e], synthetic_meta()).transitions(success_bonus=4.0)["reward"],
+                               torch.tensor([1.0, 1.0]))
+    # without success flags the bonus cannot be placed: one clear error
+    e2 = make_episode(2, rewards=[1, 1])
+    e2.success = None
+    with pytest.raises(OffrlError, match="success flags"):
+        OfflineDataset([e2], synthetic_meta()).transitions(success_bonus=4.0)

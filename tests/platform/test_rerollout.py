@@ -82,6 +82,18 @@ def test_mc_estimator_matches_known_q_and_v():
     np.testing.assert_allclose(v2[:, 0], np.where(d <= 2, g ** (d - 1), 0.0))
 
 
+def test_success_bonus_in_rerollout_returns():
+    """Reaching L is a successful termination: its reward 1 becomes 1 + bonus, discounted like the reward."""
+    sim, g, L, b = ChainSim(n=2, L=5), 0.9, 5, 3.0
+    xs = np.array([0, 3])
+    states = {"sim": {"x": xs}, "elapsed_steps": np.zeros(2, np.int64), "obs": xs[:, None].astype(np.float32)}
+    v, _ = rerollout_on_sim(sim, go_right, states, None, samples=1, horizon=20, gamma=g, success_bonus=b)
+    np.testing.assert_allclose(v[:, 0], g ** (L - xs - 1) * (1 + b), rtol=1e-12)
+    # no success within the horizon: no bonus either
+    v0, _ = rerollout_on_sim(sim, go_right, states, None, samples=1, horizon=1, gamma=g, success_bonus=b)
+    np.testing.assert_allclose(v0[:, 0], 0.0)
+
+
 def test_state_tree_helpers():
     s = {"sim": {"a": np.arange(6).reshape(3, 2)}, "elapsed_steps": np.array([1, 2, 3])}
     one = index_state(s, 1)
