@@ -99,3 +99,25 @@ def test_pretrain_cli_errors(tmp_path):
     assert r.returncode == 2 and "pretrain.algo" in r.stderr
     r = run_cli("eval", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_critic_targets_carry_the_success_bonus(tmp_path, expert_dataset):
+    """normalized_dense data: the auto bonus (1 - 0.8^50) / 0.2 lands on each episode's successful last step."""
+    from offrl.data.dataset import OfflineDataset
+    from offrl.platform.pretrain import success_bonus, training_tensors
+
+    ds = OfflineDataset.load(expert_dataset)
+    assert ds.reward_mode == "normalized_dense"
+    auto = success_bonus(_cfg(tmp_path, expert_dataset, "iql"), ds)
+    assert auto == pytest.approx((1 - 0.8 ** 50) / 0.2)
+    assert success_bonus(_cfg(tmp_path, expert_dataset, "iql", "pretrain.reward=sparse"), ds) == 0.0
+    assert success_bonus(_cfg(tmp_path, expert_dataset, "iql", "pretrain.success_bonus=0"), ds) == 0.0
+    plain, shaped = training_tensors(ds, 0.8, "rewards"), training_tensors(ds, 0.8, "rewards", auto)
+    diff = shaped["rewards"] - plain["rewards"]
+    last = ds.transitions()["last"]
+    torch.testing.assert_close(diff[last], torch.full((int(last.sum()),), auto))  # every expert episode succeeds
+    assert bool((diff[~last] == 0).all())
+    # the MC return of the first step sees the bonus discounted over the episode
+    first = ds.transitions()["step"] == 0
+    torch.testing.assert_close((shaped["mc_return"] - plain["mc_return"])[first],
+                               torch.tensor(auto * 0.8 ** (ds.lengths - 1.0), dtype=torch.float32), rtol=1e-4, atol=1e-4)
