@@ -36,6 +36,8 @@ def test_yaml_and_overrides(tmp_path):
     ("policy.hidden=[4,x]", "policy.hidden[1]", "expected an integer"),
     ("env=3", "env", "mapping"),
     ("run.experiment=a/b", "run.experiment", "plain folder name"),
+    ("finetune.success_bonus=nan", "finetune.success_bonus", "finite number or null"),
+    ("pretrain.success_bonus=inf", "pretrain.success_bonus", "finite number or null"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:
