@@ -5,8 +5,10 @@ seed, sequentially on the local Ray cluster, at an equal env-step budget, from t
 checkpoint; then prints a markdown table read back from each run's ``finetune_summary.json`` and writes
 it to ``<root>/finetune_grid.md``. Every figure is recomputed from the run directories.
 
-    python bench/finetune_grid.py [--advantages gae mc iql sarsa] [--updates ppo awr push_away]
-                                  [--seeds 0] [--root runs/finetune_grid] [key=value ...]
+    python bench/finetune_grid.py [key=value ...] [--advantages gae mc iql sarsa] [--updates ppo awr push_away]
+                                  [--seeds 0] [--root runs/finetune_grid]
+
+Overrides go first (or after ``--``): the list options take every word that follows them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def main() -> int:
     ap.add_argument("--from-dir", default=None,
                     help="only tabulate the finetune_summary.json of runs found under this folder "
                          "(e.g. a sweep's experiment dir); runs nothing")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (give them before the list "
+                                                 "options, or after --)")
     args = ap.parse_args()
 
     if args.from_dir:
