@@ -201,26 +201,26 @@ class OfflineDataset:
         see :mod:`offrl.algos.rewards`); it needs success flags in the data.
         """
         key = self._reward_key(reward)
-        if key == "success":
-            out = [e.success.astype(np.float32) for e in self.episodes]
-        else:
-            out = [e.rewards[key] for e in self.episodes]
-        if success_bonus == 0:
-            return out
-        from offrl.algos.rewards import add_success_bonus
-
-        if any(e.success is None for e in self.episodes):
+        if success_bonus != 0 and any(e.success is None for e in self.episodes):
             raise OffrlError(f"{self.name}: a success bonus needs per-step success flags, which this data lacks "
                              "(set pretrain.success_bonus=0)")
-        return [add_success_bonus(r, e.terminated, e.success.astype(bool), success_bonus)
-                for r, e in zip(out, self.episodes)]
+        return [self._rewards_of(e, key, success_bonus) for e in self.episodes]
+
+    @staticmethod
+    def _rewards_of(e: Episode, key: str, success_bonus: float = 0.0) -> np.ndarray:
+        r = e.success.astype(np.float32) if key == "success" else e.rewards[key]
+        if success_bonus == 0:
+            return r
+        from offrl.algos.rewards import add_success_bonus
+
+        return add_success_bonus(r, e.terminated, e.success.astype(bool), success_bonus)
 
     def episode(self, i: int, reward: str = "rewards") -> dict[str, torch.Tensor]:
         """Episode ``i`` as tensors: obs ``[T+1, d]``, action ``[T, a]``, reward, terminated, truncated ``[T]``."""
         e = self.episodes[i]
         out = {"obs": torch.from_numpy(e.obs), "action": torch.from_numpy(e.actions),
                "terminated": torch.from_numpy(e.terminated), "truncated": torch.from_numpy(e.truncated)}
-        out["reward"] = torch.from_numpy(self.episode_rewards(reward)[i])
+        out["reward"] = torch.from_numpy(self._rewards_of(e, self._reward_key(reward)))
         if e.success is not None:
             out["success"] = torch.from_numpy(e.success)
         return out

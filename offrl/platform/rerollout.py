@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from offrl.algos.rewards import add_success_bonus
+
 
 def stack_states(states: list[dict]) -> dict:
     """Concatenate state trees (leading batch dim) along axis 0."""
@@ -67,8 +69,7 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
                 act[:n] = actions[[b for b, _ in chunk]]
             cur, rew, term, trunc, info = sim.step(act)
             steps += int(alive.sum())
-            if success_bonus:
-                rew = rew + success_bonus * (term & info["success"])
+            rew = add_success_bonus(rew, term, info["success"], success_bonus)
             ret += np.where(alive, disc * rew, 0.0)
             disc *= gamma
             alive &= ~info["done"]
