@@ -38,6 +38,9 @@ from offrl.config import (ExperimentConfig, _Checked, _coerce, _f, _sub, apply_o
                           parse_override, read_yaml, to_dict)
 from offrl.errors import ConfigError, OffrlError
 
+# the file each job writes into its run directory when it has finished
+DONE_FILES = {"pretrain": "pretrain_done.json", "finetune": "finetune_summary.json"}
+
 SWEEP_JOBS = ("pretrain", "finetune")
 AXIS_KINDS = ("grid_search", "choice", "uniform", "loguniform")
 SWEEP_FILE = "offrl_sweep.yaml"          # in the experiment dir: the resolved sweep, read by --resume
@@ -183,10 +186,6 @@ def trial_dict(base: dict, values: dict) -> dict:
     return data
 
 
-def _candidates(kind: str, args: list) -> list:
-    return list(args) if kind in ("grid_search", "choice") else [args[0], args[1]]
-
-
 def _grid(axes: dict[str, tuple[str, list]], seeds: Optional[tuple[int, ...]]) -> list[dict]:
     """Every grid point (grid_search axes and seeds), in axis order; other axes are left out."""
     keys = [k for k, (kind, _) in axes.items() if kind == "grid_search"]
@@ -289,7 +288,7 @@ def _check_axes(base: dict, axes: dict[str, tuple[str, list]], spec: SweepSpec) 
             raise ConfigError(path, "is a property of the whole cluster, not of a trial")
         if kind in ("uniform", "loguniform") and key in PATH_KEYS:
             raise ConfigError(path, f"a path cannot be drawn from {kind}")
-        for v in _candidates(kind, args):
+        for v in args:
             try:
                 from_dict(trial_dict(base, {key: v}))
             except ConfigError as e:
@@ -608,7 +607,7 @@ def _finish(sweep: Sweep, exp_dir: Path, results: Any, log: Any) -> int:
     for r in sorted(results, key=lambda r: Path(r.path).name):
         run_dir = Path(r.path)
         step, value = _final(run_dir, sweep.spec.metric)
-        done = any((run_dir / f).exists() for f in ("pretrain_done.json", "finetune_summary.json"))
+        done = any((run_dir / f).exists() for f in DONE_FILES.values())
         status = "failed" if r.error is not None else ("finished" if done else "unfinished")
         if r.error is not None:
             failed.append((run_dir.name, str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ""))

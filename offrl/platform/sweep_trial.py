@@ -34,13 +34,14 @@ from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+from offrl.platform.sweep import DONE_FILES
+
 STEP = "step"
-DONE_FILES = {"pretrain": "pretrain_done.json", "finetune": "finetune_summary.json"}
 ATTEMPTS_FILE = "sweep_trial.json"
 LOG_FILE = "trial.log"
 # what the jobs write into a run directory; removed before a trial starts again from scratch
 # (Tune's own files, sweep_trial.json and trial.log stay)
-_JOB_FILES = ("config.yaml", "meta.json", "metrics.csv", "eval.json", "finetune_summary.json", "pretrain_done.json")
+_JOB_FILES = ("config.yaml", "meta.json", "metrics.csv", "eval.json", *DONE_FILES.values())
 
 
 # ------------------------------------------------------------------------------------------ trainable
@@ -127,9 +128,7 @@ def _record_attempt(run_dir: Path, mode: str, ckpt_step: Optional[int]) -> None:
         "capture_child_tasks": ray.get_runtime_context().should_capture_child_tasks_in_placement_group,
     })
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(data, indent=2))
 
 
 def clear_run_dir(run_dir: Path) -> None:
