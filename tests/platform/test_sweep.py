@@ -399,7 +399,10 @@ def test_sweep_killed_with_sigkill_then_resumed(tmp_path, expert_dataset, proces
         assert _steps(t) == ([1, 2, 3, 4, 5],) * 3, t.name
         modes = [a["mode"] for a in json.loads((t / "sweep_trial.json").read_text())["attempts"]]
         if t.name in before:  # finished before the kill: not run again
-            assert modes == ["fresh"] and (t / "metrics.csv").stat().st_mtime_ns == before[t.name]
+            # when the kill came between the job's last write and Tune recording the trial as done, Tune
+            # starts it again and the trial only replays its finished metrics to Tune ("replay")
+            assert modes in (["fresh"], ["fresh", "replay"]), modes
+            assert (t / "metrics.csv").stat().st_mtime_ns == before[t.name]
         elif t.name in interrupted:
             assert modes[0] == "fresh" and modes[-1] in ("resume", "fresh") and len(modes) == 2
         assert (t / "pretrain_done.json").exists()
