@@ -85,18 +85,99 @@ class ClusterConfig(_Checked):
             raise ConfigError("torch_threads", f"must be >= 1, got {self.torch_threads}")
 
 
+POLICY_KINDS = ("mlp", "mlp_chunk", "diffusion")
+
+
+def _check_finite(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(name, f"must be a finite number, got {v}")
+
+
 @dataclass(frozen=True)
 class PolicyConfig(_Checked):
-    """Gaussian MLP policy on state observations."""
+    """Policy: a Gaussian MLP (mlp), an action-chunking MLP (mlp_chunk) or a Diffusion Policy (diffusion)."""
 
-    hidden: tuple[int, ...] = _f((256, 256), "Hidden layer widths.")
-    activation: Literal["tanh", "relu", "elu", "gelu"] = _f("relu", "Hidden activation.")
-    log_std_init: float = _f(-0.5, "Initial log standard deviation of the Gaussian.")
-    squash: Literal["clip", "tanh"] = _f("clip", "How sampled actions are mapped into the action bounds.")
+    kind: Literal["mlp", "mlp_chunk", "diffusion"] = _f(
+        "mlp", "mlp: Gaussian MLP, one action per observation (finetunable); mlp_chunk: MLP predicting "
+               "pred_horizon actions from obs_horizon observations; diffusion: Diffusion Policy (Chi et al. 2023).")
+    hidden: tuple[int, ...] = _f((256, 256), "Hidden layer widths (mlp, mlp_chunk).")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = _f("relu", "Hidden activation (mlp, mlp_chunk).")
+    log_std_init: float = _f(-0.5, "Initial log standard deviation of the Gaussian (mlp).")
+    min_log_std: float = _f(-3.0, "Floor of the Gaussian's log std (mlp): keeps maximum-likelihood BC from "
+                                  "collapsing the std onto the training actions.")
+    squash: Literal["clip", "tanh"] = _f("clip", "How sampled actions are mapped into the action bounds (mlp).")
+    obs_horizon: int = _f(2, "To: observations the policy conditions on (mlp_chunk, diffusion).")
+    pred_horizon: int = _f(16, "Tp: actions predicted per replanning (mlp_chunk, diffusion).")
+    action_horizon: int = _f(8, "Ta: predicted actions executed open-loop before replanning, from the current "
+                                "step on (mlp_chunk, diffusion); needs Ta <= Tp - To + 1.")
 
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
+        _check_finite(self, "log_std_init", "min_log_std")
+        if self.obs_horizon < 1:
+            raise ConfigError("obs_horizon", f"must be >= 1, got {self.obs_horizon}")
+        if self.pred_horizon < 1:
+            raise ConfigError("pred_horizon", f"must be >= 1, got {self.pred_horizon}")
+        if self.action_horizon < 1:
+            raise ConfigError("action_horizon", f"must be >= 1, got {self.action_horizon}")
+        if self.action_horizon > self.pred_horizon:
+            raise ConfigError("action_horizon", f"Ta={self.action_horizon} exceeds pred_horizon Tp={self.pred_horizon}")
+        if self.action_horizon > self.pred_horizon - self.obs_horizon + 1:
+            raise ConfigError("action_horizon", f"Ta={self.action_horizon} must be <= Tp - To + 1 = "
+                                                f"{self.pred_horizon - self.obs_horizon + 1} (the sequence starts "
+                                                f"To - 1 = {self.obs_horizon - 1} steps in the past)")
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind in ("mlp_chunk", "diffusion")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(_Checked):
+    """Diffusion Policy network and noise schedule (policy.kind=diffusion)."""
+
+    widths: tuple[int, ...] = _f((64, 128, 256), "Channel widths of the U-Net levels (the reference uses "
+                                                  "[256, 512, 1024] on GPUs; each level halves the sequence).")
+    step_embed_dim: int = _f(64, "Size of the diffusion-step embedding (even).")
+    kernel_size: int = _f(5, "Temporal convolution kernel size (odd).")
+    groups: int = _f(8, "GroupNorm groups (must divide every width).")
+    train_steps: int = _f(100, "DDPM noise steps K in training.")
+    inference_steps: int = _f(10, "Denoising steps when sampling (DDIM; DDPM needs train_steps).")
+    scheduler: Literal["ddim", "ddpm"] = _f("ddim", "Sampling scheduler (diffusers' DDIMScheduler or DDPMScheduler).")
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = _f(
+        "squaredcos_cap_v2", "Noise schedule (squaredcos_cap_v2 is the cosine schedule of Nichol & Dhariwal).")
+    prediction_type: Literal["epsilon", "sample"] = _f("epsilon", "What the network predicts: the noise or x0.")
+    ema: bool = _f(True, "Keep an EMA of the weights; the EMA is what is evaluated and saved as the actor.")
+    ema_decay: float = _f(0.9999, "Maximum EMA decay.")
+    ema_power: float = _f(0.75, "EMA warm-up: decay = 1 - (1 + step)^-power, capped at ema_decay.")
+    weight_decay: float = _f(1e-6, "AdamW weight decay of sequence policies.")
+    lr_warmup_steps: int = _f(500, "Linear learning-rate warm-up steps before the cosine decay (sequence policies).")
+
+    def check(self) -> None:
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError("widths", f"needs positive widths, got {list(self.widths)}")
+        if self.groups < 1 or any(w % self.groups for w in self.widths):
+            raise ConfigError("groups", f"must be >= 1 and divide every width {list(self.widths)}, got {self.groups}")
+        if self.step_embed_dim < 2 or self.step_embed_dim % 2:
+            raise ConfigError("step_embed_dim", f"must be an even number >= 2, got {self.step_embed_dim}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError("kernel_size", f"must be an odd number >= 1, got {self.kernel_size}")
+        if self.train_steps < 1:
+            raise ConfigError("train_steps", f"must be >= 1, got {self.train_steps}")
+        if not 1 <= self.inference_steps <= self.train_steps:
+            raise ConfigError("inference_steps", f"must be in [1, train_steps={self.train_steps}], got {self.inference_steps}")
+        _check_finite(self, "ema_decay", "ema_power", "weight_decay")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.ema_power <= 0:
+            raise ConfigError("ema_power", f"must be > 0, got {self.ema_power}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError("lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -192,8 +273,9 @@ class PretrainConfig(_Checked):
     algo: str = _f("bc", "bc | critic_mc | iql | sarsa | bc+critic_mc | bc+iql | bc+sarsa "
                          "(iql/sarsa alone also extract a policy by advantage weighting).")
     num_episodes: Optional[int] = _f(None, "Use only the first N episodes of the dataset (null: all).")
-    reward: Literal["dataset", "sparse", "dense", "normalized_dense"] = _f(
-        "dataset", "Reward the critics learn: the dataset's main reward, or a stored reward mode.")
+    reward: Literal["dataset", "sparse", "dense", "normalized_dense", "success"] = _f(
+        "dataset", "Reward the critics learn: the dataset's main reward, a stored reward mode, or success "
+                   "(the sparse 0/1 reward from the per-step success flags). BC alone reads no reward.")
     epochs: int = _f(50, "Training epochs (metrics, validation and checkpoints are per epoch).")
     steps_per_epoch: int = _f(0, "Gradient steps per epoch; 0 means one pass over the training transitions. "
                                  "Fix it to compare datasets of different sizes at equal compute.")
@@ -216,6 +298,9 @@ class PretrainConfig(_Checked):
     eval_episodes: int = _f(20, "Episodes per evaluation during and after training.")
     checkpoint_every: int = _f(10, "Checkpoint every K epochs (and at the end).")
     keep_checkpoints: int = _f(3, "Periodic checkpoints to keep (the best one is kept apart).")
+    select: Literal["auto", "best", "last"] = _f(
+        "auto", "Which policy the final evaluation scores: best (lowest validation loss), last, or auto "
+                "(best for mlp / mlp_chunk; last for diffusion, whose noise-prediction loss ranks checkpoints poorly).")
 
     def check(self) -> None:
         if self.algo not in PRETRAIN_ALGOS:
@@ -239,6 +324,8 @@ class PretrainConfig(_Checked):
         for name in ("actor_lr", "critic_lr", "max_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        _check_finite(self, "actor_lr", "critic_lr", "gamma", "expectile", "beta", "max_weight", "target_tau",
+                      "grad_clip", "val_fraction")
 
     @property
     def trains_actor(self) -> bool:
@@ -271,7 +358,10 @@ class EvalConfig(_Checked):
 
     episodes: int = _f(50, "Episodes to evaluate (offrl eval).")
     seed: int = _f(1_000_000_000, "First evaluation seed; episode j uses seed + j (apart from collection seeds).")
-    deterministic: bool = _f(True, "Act with the policy mean.")
+    deterministic: bool = _f(True, "Act with the policy mean (mlp); sequence policies are deterministic given the seed.")
+    ignore_terminations: bool = _f(
+        False, "Run every episode to env.max_episode_steps even after success (ManiSkill's learning-from-demos "
+               "protocol); success_once is the headline metric either way.")
 
     def check(self) -> None:
         if self.episodes < 1:
@@ -372,6 +462,7 @@ class ExperimentConfig(_Checked):
     env: EnvConfig = _sub(EnvConfig)
     cluster: ClusterConfig = _sub(ClusterConfig)
     policy: PolicyConfig = _sub(PolicyConfig)
+    diffusion: DiffusionConfig = _sub(DiffusionConfig)
     rollout: RolloutConfig = _sub(RolloutConfig)
     collect: CollectConfig = _sub(CollectConfig)
     critic: CriticConfig = _sub(CriticConfig)
@@ -379,6 +470,14 @@ class ExperimentConfig(_Checked):
     eval: EvalConfig = _sub(EvalConfig)
     finetune: FinetuneConfig = _sub(FinetuneConfig)
     run: RunConfig = _sub(RunConfig)
+
+    def check(self) -> None:
+        if self.policy.kind == "diffusion":
+            halvings = 2 ** (len(self.diffusion.widths) - 1)
+            if self.policy.pred_horizon % halvings:
+                raise ConfigError("policy.pred_horizon", f"must be divisible by {halvings} for a "
+                                                         f"{len(self.diffusion.widths)}-level U-Net "
+                                                         f"(diffusion.widths), got {self.policy.pred_horizon}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -398,6 +497,16 @@ def _describe(tp: Any) -> str:
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _is_nan(value: Any) -> bool:
+    """A float NaN, or a string that reads as one (YAML reads ``nan`` as a string, ``.nan`` as a float)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and value != value
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
@@ -413,6 +522,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args and _is_nan(value):
+            raise ConfigError(path, "must be a finite number or null, got nan")
         for a in args:
             if a is type(None):
                 continue
@@ -434,6 +545,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
+        if value != value:
+            raise ConfigError(path, "must be a finite number, got nan")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

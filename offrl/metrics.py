@@ -43,6 +43,7 @@ VAL_Q_MEAN = "val/q_mean"
 VAL_V_MEAN = "val/v_mean"
 VAL_ADVANTAGE_MEAN = "val/advantage_mean"
 VAL_ADVANTAGE_STD = "val/advantage_std"
+VAL_ACTION_MSE = "val/action_mse"
 
 # online finetuning (step = env steps of the main rollouts)
 ENTROPY = "losses/entropy"

@@ -38,6 +38,17 @@ def test_yaml_and_overrides(tmp_path):
     ("run.experiment=a/b", "run.experiment", "plain folder name"),
     ("finetune.success_bonus=nan", "finetune.success_bonus", "finite number or null"),
     ("pretrain.success_bonus=inf", "pretrain.success_bonus", "finite number or null"),
+    ("policy.action_horizon=17", "policy.action_horizon", "exceeds pred_horizon"),
+    ("policy.action_horizon=16", "policy.action_horizon", "Tp - To + 1"),
+    ("policy.obs_horizon=0", "policy.obs_horizon", "must be >= 1"),
+    ("policy.kind=transformer", "policy.kind", "one of 'mlp', 'mlp_chunk', 'diffusion'"),
+    ("diffusion.scheduler=euler", "diffusion.scheduler", "one of 'ddim', 'ddpm'"),
+    ("diffusion.inference_steps=200", "diffusion.inference_steps", "train_steps=100"),
+    ("diffusion.groups=3", "diffusion.groups", "divide every width"),
+    ("diffusion.ema_decay=nan", "diffusion.ema_decay", "finite number"),
+    ("pretrain.actor_lr=nan", "pretrain.actor_lr", "finite number"),
+    ("policy.min_log_std=-inf", "policy.min_log_std", "finite number"),
+    ("eval.ignore_terminations=maybe", "eval.ignore_terminations", "true or false"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:
@@ -45,6 +56,13 @@ def test_errors_name_the_key_path(override, path, words):
     assert e.value.path == path
     assert f"'{path}'" in str(e.value) and words in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_diffusion_needs_a_pred_horizon_the_unet_can_halve():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["policy.kind=diffusion", "policy.pred_horizon=10", "policy.action_horizon=4"])
+    assert e.value.path == "policy.pred_horizon" and "divisible by 4" in str(e.value)
+    load_config(None, ["policy.kind=mlp_chunk", "policy.pred_horizon=10", "policy.action_horizon=4"])
 
 
 def test_override_into_value_is_refused():

@@ -73,9 +73,11 @@ class GaussianActor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
                  log_std_init: float = -0.5, squash: str = "clip", action_low: Sequence[float] | None = None,
-                 action_high: Sequence[float] | None = None):
+                 action_high: Sequence[float] | None = None, min_log_std: float | None = None):
         super().__init__()
         self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
+        # floor of the log std (None: none, as in checkpoints written before the floor existed)
+        self.min_log_std = None if min_log_std is None else float(min_log_std)
         self.normalizer = RunningNorm(obs_dim)
         self.net = mlp(obs_dim, act_dim, hidden, activation)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
@@ -93,7 +95,8 @@ class GaussianActor(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mu = self.net(self.normalizer(obs))
-        return torch.distributions.Normal(mu, self.log_std.exp().expand_as(mu), validate_args=False)
+        log_std = self.log_std if self.min_log_std is None else self.log_std.clamp(min=self.min_log_std)
+        return torch.distributions.Normal(mu, log_std.exp().expand_as(mu), validate_args=False)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) summed over action dims, ``[B]``."""
@@ -135,6 +138,17 @@ class GaussianActor(nn.Module):
             return self._scale(u), logp, self._scale(u)
         logp = d.log_prob(pre).sum(-1)
         return self._scale(pre.clamp(-1.0, 1.0)), logp, self._scale(pre)
+
+
+def build_actor(arch: dict) -> nn.Module:
+    """The policy network an architecture dict describes: ``arch["kind"]`` mlp (the default, a
+    :class:`GaussianActor`), mlp_chunk or diffusion (:mod:`offrl.algos.sequence`)."""
+    kind = arch.get("kind", "mlp")
+    if kind == "mlp":
+        return GaussianActor(**{k: v for k, v in arch.items() if k != "kind"})
+    from offrl.algos.sequence import build_sequence_net
+
+    return build_sequence_net(arch)
 
 
 def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:

@@ -225,16 +225,16 @@ class OfflineDataset:
             out["success"] = torch.from_numpy(e.success)
         return out
 
-    def transitions(self, reward: str = "rewards", device: Any = None,
+    def transitions(self, reward: Optional[str] = "rewards", device: Any = None,
                     success_bonus: float = 0.0) -> dict[str, torch.Tensor]:
         """All steps as flat tensors ``[N, ...]``, episodes in order.
 
         Keys: ``obs`` and ``next_obs`` [N, obs_dim] float32, ``action`` [N, act_dim] float32, ``reward`` [N]
-        float32, ``terminated``, ``truncated``, ``last`` (the final step of its episode) [N] bool, ``episode``
+        float32 (absent with ``reward=None``: behaviour cloning reads no reward), ``terminated``, ``truncated``, ``last`` (the final step of its episode) [N] bool, ``episode``
         and ``step`` [N] int64, and ``success`` [N] bool when the data has it.
         """
         eps = self.episodes
-        rewards = self.episode_rewards(reward, success_bonus)
+        rewards = None if reward is None else self.episode_rewards(reward, success_bonus)
         lengths = self.lengths
         last = np.zeros(int(lengths.sum()), bool)
         last[np.cumsum(lengths) - 1] = True
@@ -242,13 +242,14 @@ class OfflineDataset:
             "obs": np.concatenate([e.obs[:-1] for e in eps]),
             "next_obs": np.concatenate([e.obs[1:] for e in eps]),
             "action": np.concatenate([e.actions for e in eps]),
-            "reward": np.concatenate(rewards).astype(np.float32),
             "terminated": np.concatenate([e.terminated for e in eps]),
             "truncated": np.concatenate([e.truncated for e in eps]),
             "last": last,
             "episode": np.repeat(np.arange(len(eps), dtype=np.int64), lengths),
             "step": np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]),
         }
+        if rewards is not None:
+            out["reward"] = np.concatenate(rewards).astype(np.float32)
         if all(e.success is not None for e in eps):
             out["success"] = np.concatenate([e.success for e in eps])
         return {k: torch.as_tensor(v, device=device) for k, v in out.items()}

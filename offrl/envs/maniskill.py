@@ -130,6 +130,9 @@ def _init_common(sim: Any, u: Any, max_episode_steps: int, env_kwargs: dict) -> 
     sim.max_episode_steps = sim._tl.max_episode_steps
     sim.env_kwargs = env_kwargs
     sim._obs = np.zeros((sim.num_envs, sim.obs_dim), dtype=np.float32)
+    # True: success does not end an episode (it runs to the time limit), as ManiSkill's
+    # ignore_terminations does for learning-from-demos evaluation
+    sim.ignore_terminations = False
 
 
 class ManiSkillCPUSim:
@@ -188,6 +191,8 @@ class ManiSkillCPUSim:
             term[i] = bool(_to_np(te).reshape(-1)[0])
             if "success" in info:
                 succ[i] = bool(_to_np(info["success"]).reshape(-1)[0])
+        if self.ignore_terminations:
+            term[:] = False
         self._tl.elapsed += 1
         elapsed = self._tl.elapsed.copy()
         trunc = (elapsed >= self._tl.max_episode_steps) & ~term
@@ -278,6 +283,8 @@ class ManiSkillGPUSim:
         rew = _to_np(r).astype(np.float32).reshape(-1)
         term = _to_np(te).astype(bool).reshape(-1)
         succ = _to_np(info["success"]).astype(bool).reshape(-1) if "success" in info else np.zeros_like(term)
+        if self.ignore_terminations:
+            term[:] = False
         self._tl.elapsed += 1
         elapsed = self._tl.elapsed.copy()
         trunc = (elapsed >= self._tl.max_episode_steps) & ~term

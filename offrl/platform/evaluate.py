@@ -6,6 +6,7 @@ or envs per host, so two checkpoints evaluated with the same settings face the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -16,16 +17,18 @@ import numpy as np
 from offrl import metrics as M
 
 
-def _eval_chunks_on_host(host: Any, policy_spec: dict, starts: list[int], count: list[int]) -> list[dict]:
+def _eval_chunks_on_host(host: Any, policy_spec: dict, starts: list[int], count: list[int],
+                         ignore_terminations: bool = False) -> list[dict]:
     """Run inside a SimHost: for each chunk, reset env i to seed ``start + i`` and play one episode each.
 
     The host's sim state, observation and episode tracker are restored afterwards, so evaluation never
-    disturbs a rollout in progress.
+    disturbs a rollout in progress. With ``ignore_terminations`` episodes run to the time limit.
+    A fresh policy (fresh state for stateful policies, generator seeded with ``start``) plays each chunk.
     """
     from offrl.platform.rollout import EpisodeTracker, build_policy
 
     out: list[dict] = []
-    with host.preserved() as sim:
+    with host.preserved() as sim, _terminations_ignored(sim, ignore_terminations):
         for start, n in zip(starts, count):
             policy = build_policy(policy_spec, sim, seed=start)
             obs = sim.reset(seed=start)
@@ -41,6 +44,16 @@ def _eval_chunks_on_host(host: Any, policy_spec: dict, starts: list[int], count:
                     break
             out += [finished[i] for i in sorted(finished)]
     return out
+
+
+@contextlib.contextmanager
+def _terminations_ignored(sim: Any, on: bool):
+    before = getattr(sim, "ignore_terminations", False)
+    sim.ignore_terminations = bool(on)
+    try:
+        yield
+    finally:
+        sim.ignore_terminations = before
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -80,8 +93,11 @@ def summarize(episodes: list[dict]) -> dict:
     return out
 
 
-def evaluate(pool: Any, policy_spec: dict, episodes: int, seed: int) -> dict:
-    """Evaluate ``policy_spec`` for ``episodes`` episodes on every host of ``pool`` (chunks of num_envs seeds)."""
+def evaluate(pool: Any, policy_spec: dict, episodes: int, seed: int, ignore_terminations: bool = False) -> dict:
+    """Evaluate ``policy_spec`` for ``episodes`` episodes on every host of ``pool`` (chunks of num_envs seeds).
+
+    ``ignore_terminations``: episodes run the full ``max_episode_steps`` (success_once as ManiSkill's
+    learning-from-demos baselines report it)."""
     k = pool.spec["num_envs"]
     chunks = [(seed + j, min(k, episodes - j)) for j in range(0, episodes, k)]
     per_host: list[tuple[list[int], list[int]]] = [([], []) for _ in range(len(pool))]
@@ -89,7 +105,8 @@ def evaluate(pool: Any, policy_spec: dict, episodes: int, seed: int) -> dict:
         per_host[i % len(pool)][0].append(s)
         per_host[i % len(pool)][1].append(n)
     active = [(h, a) for h, a in zip(pool.hosts, per_host) if a[0]]
-    results = pool._get([h.apply.remote(_eval_chunks_on_host, policy_spec, a[0], a[1]) for h, a in active])
+    results = pool._get([h.apply.remote(_eval_chunks_on_host, policy_spec, a[0], a[1], ignore_terminations)
+                         for h, a in active])
     eps = sorted((e for r in results for e in r), key=lambda e: e["seed"])
     return summarize(eps)
 

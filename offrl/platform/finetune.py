@@ -39,6 +39,9 @@ def _load_start(cfg: Any, log: Any) -> tuple[Any, dict, Any, Optional[Any], Opti
     arch = state.get("actor_arch")
     if not arch:
         raise OffrlError(f"checkpoint {ckpt} has no actor to finetune")
+    if arch.get("kind", "mlp") != "mlp":
+        raise OffrlError(f"checkpoint {ckpt} holds a {arch['kind']} policy; online finetuning needs the Gaussian "
+                         "mlp policy (its log-probabilities drive every update rule); pretrain with policy.kind=mlp")
     saved = from_dict(json.loads((ckpt / "config.json").read_text()))
     changes = {k: v for k, v in (("env.id", saved.env.id), ("env.control_mode", saved.env.control_mode))
                if v != getattr(cfg.env, k.split(".")[1])}
@@ -83,7 +86,7 @@ def _rerollout_spec(cfg: Any, actor_spec_now: dict) -> dict:
         return actor_spec_now
     if fc.rerollout_policy == "expert":
         return {"kind": "expert", "name": "auto"}
-    from offrl.algos.networks import GaussianActor
+    from offrl.algos.networks import build_actor
     from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
     from offrl.platform.pretrain import actor_spec
 
@@ -91,7 +94,7 @@ def _rerollout_spec(cfg: Any, actor_spec_now: dict) -> dict:
     arch = json.loads((ck / "training_state" / "state.json").read_text()).get("actor_arch")
     if not arch:
         raise OffrlError(f"finetune.rerollout_checkpoint {ck} has no actor")
-    ref = GaussianActor(**arch)
+    ref = build_actor(arch)  # any policy kind: re-rollouts reset a stateful policy after each restore
     load_checkpoint(ck, {"actor": ref}, parts=["actor"], restore_rng=False)
     return actor_spec(ref, arch, deterministic=False)
 
@@ -163,7 +166,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             + (f", success bonus {bonus:.3g}" if bonus else ""))
 
         def do_eval() -> dict:
-            return evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), fc.eval_episodes, cfg.eval.seed)
+            return evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), fc.eval_episodes, cfg.eval.seed,
+                            ignore_terminations=cfg.eval.ignore_terminations)
 
         def checkpoint(step: int) -> None:
             save_checkpoint(run_dir / "checkpoints", step, learner.modules(), optimizers=learner.optimizers(),

@@ -21,9 +21,9 @@ from offrl.config import from_dict, replace, to_dict
 from offrl.errors import OffrlError
 
 # learner metric key -> logged metric name
-_TRAIN_NAMES = {"actor_loss": M.TRAIN_ACTOR_LOSS, "v_loss": M.TRAIN_V_LOSS, "q_loss": M.TRAIN_Q_LOSS,
+_TRAIN_NAMES = {"actor_loss": M.TRAIN_ACTOR_LOSS, "lr": M.TRAIN_LR, "v_loss": M.TRAIN_V_LOSS, "q_loss": M.TRAIN_Q_LOSS,
                 "q_mean": M.TRAIN_Q_MEAN, "v_mean": M.TRAIN_V_MEAN, "weight_mean": M.TRAIN_WEIGHT_MEAN}
-_VAL_NAMES = {"actor_val_loss": M.VAL_ACTOR_LOSS, "td_error": M.VAL_TD_ERROR, "mc_error": M.VAL_MC_ERROR,
+_VAL_NAMES = {"actor_val_loss": M.VAL_ACTOR_LOSS, "action_mse": M.VAL_ACTION_MSE, "td_error": M.VAL_TD_ERROR, "mc_error": M.VAL_MC_ERROR,
               "q_mean": M.VAL_Q_MEAN, "v_mean": M.VAL_V_MEAN, "adv_mean": M.VAL_ADVANTAGE_MEAN,
               "adv_std": M.VAL_ADVANTAGE_STD}
 
@@ -40,25 +40,68 @@ def success_bonus(cfg: Any, ds: Any) -> float:
     return auto_success_bonus(cfg.pretrain.success_bonus, mode, cfg.pretrain.gamma, cfg.env.max_episode_steps)
 
 
-def training_tensors(ds: Any, gamma: float, reward: str, bonus: float = 0.0) -> dict[str, torch.Tensor]:
-    """Dataset transitions in the learner's batch contract (see :mod:`offrl.algos.offline`)."""
-    t = ds.transitions(reward, success_bonus=bonus)
+_NO_REWARD_FIX = ("set pretrain.reward=success for the sparse 0/1 reward from the success flags, or re-record "
+                  "the file with ManiSkill's replay_trajectory --record-rewards --reward-mode normalized_dense; "
+                  "BC alone (pretrain.algo=bc) needs no reward")
+
+
+def training_tensors(ds: Any, gamma: float, reward: Optional[str], bonus: float = 0.0) -> dict[str, torch.Tensor]:
+    """Dataset transitions in the learner's batch contract (see :mod:`offrl.algos.offline`).
+
+    ``reward=None`` (behaviour cloning) reads no reward: only ``obs`` and ``actions``.
+    """
+    if reward is None:
+        t = ds.transitions(None)
+        return {"obs": t["obs"], "actions": t["action"]}
+    try:
+        t = ds.transitions(reward, success_bonus=bonus)
+    except OffrlError as e:
+        if "rewards; available" in str(e):
+            raise OffrlError(f"{str(e).split(' (')[0]}: the critics need rewards; {_NO_REWARD_FIX}") from None
+        raise
     return {"obs": t["obs"], "actions": t["action"], "rewards": t["reward"], "next_obs": t["next_obs"],
             "terminated": t["terminated"], "truncated": t["truncated"],
             "mc_return": ds.mc_returns(gamma, reward, success_bonus=bonus)}
 
 
-def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float], action_high: Sequence[float]):
-    """Networks and the OfflineLearner for ``cfg.pretrain`` (actor and/or critics)."""
+def sequence_arch(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float],
+                  action_high: Sequence[float]) -> dict:
+    """Architecture dict of a sequence policy (``policy.kind`` mlp_chunk or diffusion)."""
+    p, d = cfg.policy, cfg.diffusion
+    arch: dict[str, Any] = dict(kind=p.kind, obs_dim=obs_dim, act_dim=act_dim, obs_horizon=p.obs_horizon,
+                                pred_horizon=p.pred_horizon, action_horizon=p.action_horizon,
+                                action_low=[float(x) for x in action_low], action_high=[float(x) for x in action_high])
+    if p.kind == "mlp_chunk":
+        arch.update(hidden=list(p.hidden), activation=p.activation)
+    else:
+        arch.update(widths=list(d.widths), step_embed_dim=d.step_embed_dim, kernel_size=d.kernel_size,
+                    groups=d.groups, train_steps=d.train_steps, inference_steps=d.inference_steps,
+                    scheduler=d.scheduler, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type)
+    return arch
+
+
+def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float], action_high: Sequence[float],
+                  total_steps: int = 0):
+    """Networks and the learner for ``cfg.pretrain``: an OfflineLearner (Gaussian actor and/or critics) or,
+    for ``policy.kind`` mlp_chunk / diffusion, a SequenceBCLearner."""
     from offrl.algos.critics import Critics
     from offrl.algos.networks import GaussianActor
     from offrl.algos.offline import OfflineLearner
 
     pc, p = cfg.pretrain, cfg.policy
     torch.manual_seed(cfg.seed)
+    if p.is_sequence:
+        from offrl.algos.sequence import SequenceBCLearner, build_sequence_net
+
+        arch = sequence_arch(cfg, obs_dim, act_dim, action_low, action_high)
+        d = cfg.diffusion
+        learner = SequenceBCLearner(build_sequence_net(arch), lr=pc.actor_lr, weight_decay=d.weight_decay,
+                                    grad_clip=pc.grad_clip, ema=d.ema, ema_decay=d.ema_decay, ema_power=d.ema_power,
+                                    warmup_steps=d.lr_warmup_steps, total_steps=total_steps, seed=cfg.seed)
+        return learner, arch
     arch = dict(obs_dim=obs_dim, act_dim=act_dim, hidden=list(p.hidden), activation=p.activation,
                 log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
-                action_high=[float(x) for x in action_high])
+                action_high=[float(x) for x in action_high], min_log_std=p.min_log_std)
     actor = GaussianActor(**arch) if pc.trains_actor else None
     critics = (Critics(obs_dim, act_dim, list(cfg.critic.hidden), cfg.critic.activation, cfg.critic.twin_q)
                if pc.critic_mode else None)
@@ -70,9 +113,10 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
 
 
 def actor_spec(actor: Any, arch: dict, deterministic: bool = True) -> dict:
+    """The picklable policy spec SimHosts build the policy from (see ``build_policy``)."""
     from offrl.algos.networks import numpy_state_dict
 
-    return {"kind": "mlp", "arch": arch, "weights": numpy_state_dict(actor), "deterministic": deterministic}
+    return {"kind": arch.get("kind", "mlp"), "arch": arch, "weights": numpy_state_dict(actor), "deterministic": deterministic}
 
 
 def _load_dataset(cfg: Any):
@@ -118,19 +162,30 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     from offrl.platform.simhost import SimHostPool
 
     pc = cfg.pretrain
+    seq = cfg.policy.is_sequence
+    if seq and pc.algo != "bc":
+        raise OffrlError(f"policy.kind={cfg.policy.kind} trains with pretrain.algo=bc only (got {pc.algo}); "
+                         "critics pair with the Gaussian policy.kind=mlp")
     ds = _load_dataset(cfg)
     cfg = _resolve_env(cfg, ds, log)
-    reward = _reward_name(cfg)
+    reward = _reward_name(cfg) if pc.critic_mode else None  # behaviour cloning reads no reward
     if pc.val_fraction > 0 and len(ds) >= 2:
         train, val = ds.split(pc.val_fraction, seed=cfg.seed)
     else:
         train, val = ds, None
     bonus = success_bonus(cfg, ds) if pc.critic_mode else 0.0
-    data = training_tensors(train, pc.gamma, reward, bonus)
-    vdata = training_tensors(val, pc.gamma, reward, bonus) if val is not None else None
-    n = data["obs"].shape[0]
-    log(f"[offrl] {pc.algo} on {ds.name}: {len(train)} train / {len(val) if val else 0} val episodes, "
-        f"{n} train transitions, reward '{reward}'" + (f" + success bonus {bonus:.3g}" if bonus else ""))
+    if seq:
+        data = sequence_tensors(train, cfg.policy)
+        vdata = sequence_tensors(val, cfg.policy) if val is not None else None
+    else:
+        data = training_tensors(train, pc.gamma, reward, bonus)
+        vdata = training_tensors(val, pc.gamma, reward, bonus) if val is not None else None
+    n = next(iter(data.values())).shape[0]
+    what = (f"{n} windows (To={cfg.policy.obs_horizon}, Tp={cfg.policy.pred_horizon}, Ta={cfg.policy.action_horizon})"
+            if seq else f"{n} train transitions")
+    log(f"[offrl] {pc.algo} ({cfg.policy.kind} policy) on {ds.name}: {len(train)} train / {len(val) if val else 0} "
+        f"val episodes, {what}" + (f", reward '{reward}'" if reward else ", no reward needed")
+        + (f" + success bonus {bonus:.3g}" if bonus else ""))
 
     run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
     ckpt_root = run_dir / "checkpoints"
@@ -153,7 +208,9 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                                  f"{cfg.env.id} with {cfg.env.control_mode} ({pool.spec['obs_dim']}/{pool.spec['act_dim']})")
         else:
             low, high = [-1.0] * ds.act_dim, [1.0] * ds.act_dim
-        learner, arch = build_learner(cfg, ds.obs_dim, ds.act_dim, low, high)
+        bs = min(pc.batch_size, n)
+        steps_per_epoch = pc.steps_per_epoch or max(1, n // bs)
+        learner, arch = build_learner(cfg, ds.obs_dim, ds.act_dim, low, high, total_steps=pc.epochs * steps_per_epoch)
         start_epoch = 0
         if resume:
             state = load_checkpoint(ckpt_root, learner.modules(), optimizers=learner.optimizers(),
@@ -168,7 +225,7 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             run_dir = create_run_dir(cfg, exist_ok=exist_ok)
             created = not exist_ok
             ckpt_root = run_dir / "checkpoints"
-            learner.fit_normalizers(data["obs"])
+            learner.fit_normalizers(data if seq else data["obs"])
             if init_from:
                 parts = list(init_parts) if init_parts else list(learner.modules())
                 load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
@@ -182,12 +239,13 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                             extra_state={**learner.extra_state(), "actor_arch": arch, "algo": pc.algo,
                                          "best_val": best_val, "dataset": str(pc.dataset)})
 
-        def run_eval(episodes: int) -> dict:
-            return evaluate(pool, actor_spec(learner.actor, arch, cfg.eval.deterministic), episodes, cfg.eval.seed)
+        def run_eval(episodes: int, actor: Any = None) -> dict:
+            spec = actor_spec(actor if actor is not None else learner.actor, arch, cfg.eval.deterministic)
+            return evaluate(pool, spec, episodes, cfg.eval.seed, ignore_terminations=cfg.eval.ignore_terminations)
 
+        select = pc.select if pc.select != "auto" else ("last" if cfg.policy.kind == "diffusion" else "best")
+        evaluated = f"last (epoch {pc.epochs})"
         val_key = "actor_val_loss" if learner.actor is not None else ("mc_error" if pc.critic_mode == "mc" else "td_error")
-        bs = min(pc.batch_size, n)
-        steps_per_epoch = pc.steps_per_epoch or max(1, n // bs)
         bar = progress(pc.epochs - start_epoch, f"pretrain {pc.algo}", cfg.run.progress, unit="epoch")
         summary = None
         for epoch in range(start_epoch + 1, pc.epochs + 1):
@@ -211,7 +269,16 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                 best = score
                 checkpoint(ckpt_root / "best", epoch, 1, best)
             if epoch == pc.epochs and pool is not None:
-                summary = run_eval(pc.eval_episodes)
+                final_actor = None
+                best_ckpt = latest_checkpoint(ckpt_root / "best")
+                if select == "best" and best_ckpt is not None:
+                    import copy
+
+                    final_actor = copy.deepcopy(learner.actor)
+                    load_checkpoint(best_ckpt, {"actor": final_actor}, parts=["actor"], restore_rng=False)
+                    evaluated = f"best (epoch {best_ckpt.name}, {val_key} {best:.4g})"
+                log(f"[offrl] evaluating the {evaluated} policy")
+                summary = run_eval(pc.eval_episodes, final_actor)
                 row.update(eval_metrics(summary))
             logger.log(epoch, row)
             saved = None
@@ -228,12 +295,15 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         bar.close()
         logger.close()
         if summary is not None:
+            ev_ckpt = best_ckpt if evaluated.startswith("best") else ckpt_root / str(pc.epochs)
             write_eval_json(run_dir / "eval.json", summary,
-                            {"checkpoint": str(ckpt_root / str(pc.epochs)), "seed": cfg.eval.seed,
-                             "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id})
-            s = summary["success_at_end"]
-            log(f"[offrl] eval ({summary['episodes']} episodes): success {s['mean']:.2f} "
-                f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}], success_once {summary['success_once']['mean']:.2f}, "
+                            {"checkpoint": str(ev_ckpt), "evaluated": evaluated, "policy": cfg.policy.kind,
+                             "seed": cfg.eval.seed,
+                             "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
+                             "protocol": eval_protocol(cfg)})
+            s, o = summary["success_at_end"], summary["success_once"]
+            log(f"[offrl] eval ({summary['episodes']} episodes, {eval_protocol(cfg)}): success_once {o['mean']:.2f} "
+                f"[{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}], success_at_end {s['mean']:.2f}, "
                 f"return {summary['return']['mean']:.2f}")
         (run_dir / "pretrain_done.json").write_text(json.dumps({"epochs": pc.epochs, "best_val": best}))
         log(f"[offrl] run directory: {run_dir}")
@@ -247,6 +317,20 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             pool.shutdown()
 
 
+def sequence_tensors(ds: Any, policy_cfg: Any) -> dict[str, torch.Tensor]:
+    """Training windows of a sequence policy (see :func:`offrl.algos.sequence.make_windows`)."""
+    from offrl.algos.sequence import make_windows
+
+    w = make_windows([(e.obs, e.actions) for e in ds.episodes], policy_cfg.obs_horizon, policy_cfg.pred_horizon)
+    return {"obs_seq": w["obs_seq"], "act_seq": w["act_seq"]}
+
+
+def eval_protocol(cfg: Any) -> str:
+    """One phrase naming the evaluation protocol."""
+    end = "terminations ignored (full horizon)" if cfg.eval.ignore_terminations else "episodes end on success"
+    return f"{cfg.env.id} {cfg.env.control_mode}, max_episode_steps={cfg.env.max_episode_steps}, {end}"
+
+
 def find_run_dir(ckpt: Path) -> Optional[Path]:
     """The run directory holding ``ckpt`` (the nearest parent with config.yaml)."""
     for p in [ckpt, *ckpt.parents]:
@@ -258,7 +342,7 @@ def find_run_dir(ckpt: Path) -> Optional[Path]:
 def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional[int] = None,
                  overrides: Sequence[str] = (), out: Optional[str] = None, log: Any = print) -> dict:
     """Evaluate a checkpoint's actor on SimHost actors with fixed seeds; write eval.json."""
-    from offrl.algos.networks import GaussianActor
+    from offrl.algos.networks import build_actor
     from offrl.config import apply_overrides
     from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
     from offrl.platform.cluster import init_ray
@@ -274,17 +358,19 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     cfg = from_dict(apply_overrides(saved_cfg, list(overrides)))
     episodes = episodes or cfg.eval.episodes
     seed = cfg.eval.seed if seed is None else seed
-    actor = GaussianActor(**arch)
+    actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
+    log(f"[offrl] protocol: {eval_protocol(cfg)}; success_once is the headline metric")
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
     try:
         t = time.time()
-        summary = evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), episodes, seed)
+        summary = evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), episodes, seed,
+                           ignore_terminations=cfg.eval.ignore_terminations)
         dt = time.time() - t
     finally:
         pool.shutdown()
-    extra = {"checkpoint": str(ckpt), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
+    extra = {"checkpoint": str(ckpt), "protocol": eval_protocol(cfg), "policy": arch.get("kind", "mlp"), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
              "control_mode": cfg.env.control_mode, "seconds": dt}
     run_dir = find_run_dir(ckpt)
     path = Path(out) if out else (run_dir / "eval.json" if run_dir else ckpt / "eval.json")

@@ -30,7 +30,7 @@ class MLPPolicy:
     """A :class:`GaussianActor` built from its architecture kwargs and numpy weights."""
 
     def __init__(self, arch: dict, weights: dict, deterministic: bool = False, seed: int = 0):
-        self.net = GaussianActor(**arch)
+        self.net = GaussianActor(**{k: v for k, v in arch.items() if k != "kind"})
         load_numpy_state_dict(self.net, weights)
         self.net.eval()
         self.deterministic = deterministic
@@ -42,17 +42,83 @@ class MLPPolicy:
         return a.numpy(), logp.numpy()
 
 
+class SequencePolicy:
+    """A stateful action-sequence policy (mlp_chunk, diffusion) for a batch of envs.
+
+    Per env it keeps the last ``To`` observations and a queue of planned actions. An env whose
+    ``sim.elapsed_steps`` is 0 (a reset, or an auto-reset after the previous step) or that was restored
+    (:meth:`on_restore`, after ``sim.set_state``) starts afresh: its history is its current observation
+    repeated ``To`` times and its queue is empty. Envs with an empty queue replan together, in one batched
+    call of the network, and queue the ``Ta`` executed actions of the predicted sequence (receding horizon).
+    ``replans`` counts those batched calls.
+    """
+
+    def __init__(self, arch: dict, weights: dict, seed: int = 0):
+        from offrl.algos.networks import build_actor
+
+        self.net = build_actor(arch)
+        load_numpy_state_dict(self.net, weights)
+        self.net.eval()
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.To, self.Ta = self.net.obs_horizon, self.net.action_horizon
+        self.hist: Optional[np.ndarray] = None   # [N, To, d]
+        self.queue: Optional[np.ndarray] = None  # [N, Ta, a]
+        self.left: Optional[np.ndarray] = None   # [N] actions still queued
+        self.fresh: Optional[np.ndarray] = None  # [N] start afresh at the next call
+        self.replans = 0
+
+    def _alloc(self, n: int, obs_dim: int) -> None:
+        self.hist = np.zeros((n, self.To, obs_dim), np.float32)
+        self.queue = np.zeros((n, self.Ta, self.net.act_dim), np.float32)
+        self.left = np.zeros(n, np.int64)
+        self.fresh = np.ones(n, bool)
+
+    def reset(self, env_ids: Any = None) -> None:
+        """Forget the history and planned actions of ``env_ids`` (all by default)."""
+        if self.fresh is not None:
+            self.fresh[slice(None) if env_ids is None else np.asarray(env_ids, np.int64)] = True
+
+    def on_restore(self, sim: Any, env_ids: Any) -> None:
+        """Envs ``env_ids`` were restored from a saved state: their history and queue no longer apply."""
+        self.reset(env_ids)
+
+    def __call__(self, obs: np.ndarray, sim: Any) -> tuple[np.ndarray, np.ndarray]:
+        n = obs.shape[0]
+        if self.hist is None or self.hist.shape[0] != n:
+            self._alloc(n, obs.shape[1])
+        fresh = self.fresh.copy()
+        elapsed = getattr(sim, "elapsed_steps", None)
+        if elapsed is not None:
+            fresh |= np.asarray(elapsed)[:n] == 0
+        self.hist[~fresh] = np.concatenate([self.hist[~fresh, 1:], obs[~fresh, None]], axis=1)
+        self.hist[fresh] = obs[fresh, None]
+        self.left[fresh] = 0
+        self.fresh[:] = False
+        replan = self.left == 0
+        if replan.any():
+            seq = self.net.predict(torch.from_numpy(self.hist[replan]), self.gen)
+            self.queue[replan] = self.net.executed(seq).numpy()
+            self.left[replan] = self.Ta
+            self.replans += 1
+        act = self.queue[np.arange(n), self.Ta - self.left]
+        self.left -= 1
+        return act.astype(np.float32), np.zeros(n, np.float32)
+
+
 def build_policy(spec: dict, sim: Any, seed: int = 0):
     """A callable ``policy(obs [N, d], sim) -> (actions [N, a], logprob [N])`` from a picklable spec.
 
     Specs: ``{"kind": "random"}``; ``{"kind": "mlp", "arch": {...}, "weights": {...}, "deterministic": bool}``;
-    ``{"kind": "expert", "name": ...}`` (scripted experts registered in :mod:`offrl.envs.experts`).
+    ``{"kind": "mlp_chunk" | "diffusion", "arch": {...}, "weights": {...}}`` (stateful
+    :class:`SequencePolicy`); ``{"kind": "expert", "name": ...}`` (scripted experts in :mod:`offrl.envs.experts`).
     """
     kind = spec.get("kind")
     if kind == "random":
         return RandomPolicy(sim.action_low, sim.action_high, seed)
     if kind == "mlp":
         return MLPPolicy(spec["arch"], spec["weights"], spec.get("deterministic", False), seed)
+    if kind in ("mlp_chunk", "diffusion"):
+        return SequencePolicy(spec["arch"], spec["weights"], seed)
     if kind == "expert":
         from offrl.envs.experts import make_expert
 
