@@ -152,6 +152,42 @@ def cost(args) -> list[str]:
     ]
 
 
+def plot(results: dict, args, path: Path) -> None:
+    """Grouped bars: success_once per data row and policy, with the 95% Wilson interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in args.cells if any((c, p) in results for p in args.policies)]
+    if not cells:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cells), 3.6))
+    w = 0.8 / len(args.policies)
+    for j, p in enumerate(args.policies):
+        xs, ys, lo, hi = [], [], [], []
+        for i, c in enumerate(cells):
+            rs = results.get((c, p))
+            if not rs:
+                continue
+            k, n = sum(r["k"] for r in rs), sum(r["n"] for r in rs)
+            a, b = wilson(k, n)
+            xs.append(i + (j - (len(args.policies) - 1) / 2) * w)
+            ys.append(k / n)
+            lo.append(k / n - a)
+            hi.append(b - k / n)
+        ax.bar(xs, ys, w, yerr=[lo, hi], capsize=3, label=NAMES[p])
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([CELLS[c][0].replace(", ", "\n", 1) for c in cells], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success_once (95% Wilson CI)")
+    ax.set_title(f"PickCube-v1 imitation, {args.steps} gradient steps, {args.episodes} eval episodes", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from offrl.config import load_config
@@ -214,6 +250,9 @@ def main() -> int:
                 per = ", ".join(f"{r['k'] / r['n']:.2f}" for r in rs)
                 row.append(f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({per})" if len(rs) > 1 else ""))
             lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        plot(results, args, root / "imitation.png")
+        lines.append(f"plot: {root / 'imitation.png'}")
         lines.append("")
     lines += cost(args)
     text = "\n".join(lines)

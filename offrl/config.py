@@ -117,12 +117,9 @@ class PolicyConfig(_Checked):
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
         _check_finite(self, "log_std_init", "min_log_std")
-        if self.obs_horizon < 1:
-            raise ConfigError("obs_horizon", f"must be >= 1, got {self.obs_horizon}")
-        if self.pred_horizon < 1:
-            raise ConfigError("pred_horizon", f"must be >= 1, got {self.pred_horizon}")
-        if self.action_horizon < 1:
-            raise ConfigError("action_horizon", f"must be >= 1, got {self.action_horizon}")
+        for name in ("obs_horizon", "pred_horizon", "action_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.action_horizon > self.pred_horizon:
             raise ConfigError("action_horizon", f"Ta={self.action_horizon} exceeds pred_horizon Tp={self.pred_horizon}")
         if self.action_horizon > self.pred_horizon - self.obs_horizon + 1:
