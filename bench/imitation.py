@@ -11,7 +11,7 @@ Diffusion Policy against the MLP: training seconds per 1,000 gradient steps, mil
 step for a batch of 8 envs, and evaluation env-steps/s.
 
     python bench/imitation.py [--cells mp_ee100 scripted100] [--policies mlp mlp_chunk diffusion]
-                              [--seeds 0 1 2] [--steps 8000] [--root runs/imitation] [--cost-only]
+                              [--seeds 0 1 2] [--steps 8000] [--root runs/imitation] [--cost-only] [--report-only]
 
 Needs ``scripts/maniskill_demos.sh PickCube-v1 100 datasets/mp`` first (the motion-planning demos); the
 scripted demos are collected here when missing.
@@ -68,6 +68,8 @@ def run_cell(cell: str, policy: str, seed: int, args, log) -> dict:
     trial = f"{cell}_{policy}_seed{seed}"
     run = Path(args.root) / "runs" / trial
     if not (run / "eval.json").exists():
+        if args.report_only:
+            raise FileNotFoundError(f"not run yet ({run})")
         epochs = max(1, args.steps // 200)
         cfg = load_config(CONFIG, [*POLICIES[policy], f"pretrain.dataset={data}", f"pretrain.num_episodes={n}",
                                    f"pretrain.epochs={epochs}", "pretrain.steps_per_epoch=200",
@@ -203,6 +205,7 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per run")
     ap.add_argument("--root", default="runs/imitation", help="where runs and the report go")
     ap.add_argument("--cost-only", action="store_true", help="only measure the cost table")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished cells ('-' for others)")
     ap.add_argument("--quiet", action="store_true", help="less output from each run")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. diffusion.widths=[64,128])")
     args = ap.parse_args()
@@ -216,8 +219,9 @@ def main() -> int:
             if not Path(path).exists():
                 print(f"missing {path}: run scripts/maniskill_demos.sh PickCube-v1 100 datasets/mp first")
                 return 2
-        init_ray(load_config(CONFIG).cluster)
-        if SCRIPTED in needed and not Path(SCRIPTED).exists():
+        if not args.report_only:
+            init_ray(load_config(CONFIG).cluster)
+        if SCRIPTED in needed and not Path(SCRIPTED).exists() and not args.report_only:
             collect(load_config("tune_configs/collect_pickcube.yaml",
                                 ["collect.episodes=100", f"collect.output={SCRIPTED}", "seed=0"]))
         results: dict = {}
@@ -227,6 +231,9 @@ def main() -> int:
                     t = time.time()
                     try:
                         r = run_cell(cell, policy, seed, args, log)
+                    except FileNotFoundError as e:
+                        print(f"[imitation] {cell} {policy} seed {seed}: {e}")
+                        continue
                     except Exception as e:  # report the cell as failed, go on with the others
                         print(f"[imitation] {cell} {policy} seed {seed}: FAILED: {e}")
                         continue
