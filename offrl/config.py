@@ -136,8 +136,8 @@ class PolicyConfig(_Checked):
 class DiffusionConfig(_Checked):
     """Diffusion Policy network and noise schedule (policy.kind=diffusion)."""
 
-    widths: tuple[int, ...] = _f((64, 128, 256), "Channel widths of the U-Net levels (the reference uses "
-                                                  "[256, 512, 1024] on GPUs; each level halves the sequence).")
+    widths: tuple[int, ...] = _f((64, 128, 256), "Channel widths of the U-Net levels (Chi et al.'s reference "
+                                                  "uses [256, 512, 1024] on GPUs; each level halves the sequence).")
     step_embed_dim: int = _f(64, "Size of the diffusion-step embedding (even).")
     kernel_size: int = _f(5, "Temporal convolution kernel size (odd).")
     groups: int = _f(8, "GroupNorm groups (must divide every width).")
