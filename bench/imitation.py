@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
 
 MP_EE = "datasets/mp/PickCube-v1_mp100.pd_ee_delta_pos.h5"
 MP_JOINT = "datasets/mp/PickCube-v1_mp100.pd_joint_delta_pos.h5"
@@ -50,14 +52,6 @@ POLICIES = {
 }
 NAMES = {"mlp": "MLP BC", "mlp_chunk": "MLP + chunking", "diffusion": "Diffusion Policy"}
 CONFIG = "tune_configs/pretrain_diffusion.yaml"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def run_cell(cell: str, policy: str, seed: int, args, log) -> dict:

@@ -79,21 +79,23 @@ class SequenceNormalizer(nn.Module):
     def obs(self, o: torch.Tensor) -> torch.Tensor:
         return (o - self.obs_mean) / self.obs_std
 
-    def _span(self) -> torch.Tensor:
+    def _span(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max - min with constant dimensions set to 1, mask of the non-constant dimensions)."""
         span = self.act_max - self.act_min
-        return torch.where(span > 1e-6, span, torch.ones_like(span))
+        varies = span > 1e-6
+        return torch.where(varies, span, torch.ones_like(span)), varies
 
     def act(self, a: torch.Tensor) -> torch.Tensor:
         """Env actions -> [-1, 1]."""
-        span = self.act_max - self.act_min
-        u = 2.0 * (a - self.act_min) / self._span() - 1.0
-        return torch.where(span > 1e-6, u, torch.zeros_like(u))
+        span, varies = self._span()
+        u = 2.0 * (a - self.act_min) / span - 1.0
+        return torch.where(varies, u, torch.zeros_like(u))
 
     def unact(self, u: torch.Tensor) -> torch.Tensor:
         """[-1, 1] -> env actions (a constant dimension returns its value)."""
-        span = self.act_max - self.act_min
-        a = self.act_min + (u.clamp(-1.0, 1.0) + 1.0) * 0.5 * self._span()
-        return torch.where(span > 1e-6, a, self.act_min.expand_as(a))
+        span, varies = self._span()
+        a = self.act_min + (u.clamp(-1.0, 1.0) + 1.0) * 0.5 * span
+        return torch.where(varies, a, self.act_min.expand_as(a))
 
 
 class SequencePolicyNet(nn.Module):

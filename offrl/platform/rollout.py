@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from offrl.algos.networks import GaussianActor, load_numpy_state_dict
+from offrl.algos.networks import build_actor, load_numpy_state_dict
 
 
 class RandomPolicy:
@@ -30,7 +30,7 @@ class MLPPolicy:
     """A :class:`GaussianActor` built from its architecture kwargs and numpy weights."""
 
     def __init__(self, arch: dict, weights: dict, deterministic: bool = False, seed: int = 0):
-        self.net = GaussianActor(**{k: v for k, v in arch.items() if k != "kind"})
+        self.net = build_actor({**arch, "kind": "mlp"})
         load_numpy_state_dict(self.net, weights)
         self.net.eval()
         self.deterministic = deterministic
@@ -54,8 +54,6 @@ class SequencePolicy:
     """
 
     def __init__(self, arch: dict, weights: dict, seed: int = 0):
-        from offrl.algos.networks import build_actor
-
         self.net = build_actor(arch)
         load_numpy_state_dict(self.net, weights)
         self.net.eval()
