@@ -34,15 +34,26 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
 
 
-def _load(args: argparse.Namespace):
+def _config_and_overrides(args: argparse.Namespace) -> tuple[Optional[str], list[str]]:
     from pathlib import Path
-
-    from offrl.config import load_config
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config] + overrides  # `offrl config show key=value` without a file
-    return load_config(config, overrides)
+    return config, overrides
+
+
+def _load(args: argparse.Namespace):
+    from offrl.config import load_config
+
+    return load_config(*_config_and_overrides(args))
+
+
+def _explicit_keys(args: argparse.Namespace) -> set[str]:
+    """The dotted config keys set on the command line (a job refuses to silently replace them)."""
+    from offrl.config import parse_override
+
+    return {".".join(parse_override(o)[0]) for o in _config_and_overrides(args)[1]}
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -60,7 +71,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     parts = [p.strip() for p in args.init_parts.split(",")] if args.init_parts else None
-    run_pretrain_job(cfg, resume=args.resume, init_from=args.init_from, init_parts=parts)
+    run_pretrain_job(cfg, resume=args.resume, init_from=args.init_from, init_parts=parts,
+                     explicit=_explicit_keys(args))
     return 0
 
 
@@ -74,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from offrl.platform.finetune import run_finetune_job
 
-    run_finetune_job(_load(args))
+    run_finetune_job(_load(args), resume=args.resume, explicit=_explicit_keys(args))
     return 0
 
 
@@ -158,8 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Each round: stochastic rollouts -> advantages by finetune.advantage -> update by "
                                     "finetune.update -> periodic deterministic evaluation -> checkpoint. Writes a run "
                                     "directory with metrics.csv, TensorBoard events, checkpoints/<env_steps>/, "
-                                    "eval.json and finetune_summary.json (success before and after).")
+                                    "eval.json and finetune_summary.json (success before and after). "
+                                    "finetune.replay=true trains IQL/SARSA critics and an AWR/push-away actor "
+                                    "off-policy on a replay buffer mixed with the offline data.")
     _add_config_args(ft)
+    ft.add_argument("--resume", action="store_true",
+                    help="continue run.trial from its latest checkpoint (networks, optimizers, RNGs, replay buffer; "
+                         "the same rounds as an uninterrupted run); give the same config, a larger "
+                         "finetune.iterations extends the run")
     ft.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("config", help="show the resolved config or document every key",

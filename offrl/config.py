@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ POLICY_KINDS = ("mlp", "mlp_chunk", "diffusion")
 
 
 def _check_finite(obj: Any, *names: str) -> None:
+    """Refuse non-finite floats among ``names`` (the loader already refuses them for every float key;
+    this is for values built in code)."""
     for name in names:
         v = getattr(obj, name)
         if isinstance(v, float) and not math.isfinite(v):
@@ -116,7 +119,6 @@ class PolicyConfig(_Checked):
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
-        _check_finite(self, "log_std_init", "min_log_std")
         for name in ("obs_horizon", "pred_horizon", "action_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -166,7 +168,6 @@ class DiffusionConfig(_Checked):
             raise ConfigError("train_steps", f"must be >= 1, got {self.train_steps}")
         if not 1 <= self.inference_steps <= self.train_steps:
             raise ConfigError("inference_steps", f"must be in [1, train_steps={self.train_steps}], got {self.inference_steps}")
-        _check_finite(self, "ema_decay", "ema_power", "weight_decay")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.ema_power <= 0:
@@ -321,8 +322,6 @@ class PretrainConfig(_Checked):
         for name in ("actor_lr", "critic_lr", "max_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        _check_finite(self, "actor_lr", "critic_lr", "gamma", "expectile", "beta", "max_weight", "target_tau",
-                      "grad_clip", "val_fraction")
 
     @property
     def trains_actor(self) -> bool:
@@ -376,7 +375,9 @@ class FinetuneConfig(_Checked):
     checkpoint: str = _f("", "Pretrained checkpoint (folder or run directory) with the actor; IQL/SARSA read "
                              "its critics too.")
     advantage: Literal["gae", "mc", "iql", "sarsa"] = _f("gae", "Advantage estimator.")
-    update: Literal["ppo", "awr", "push_away"] = _f("ppo", "Policy update rule.")
+    update: Literal["ppo", "awr", "push_away", "sac"] = _f(
+        "ppo", "Policy update rule; sac is the off-policy reference row (RLPD-style soft actor-critic with its own "
+               "Q ensemble; needs replay: true; finetune.advantage is not used by it).")
     iterations: int = _f(10, "Rollout -> advantage -> update rounds.")
     steps_per_iter: int = _f(50, "Env steps per env per round (on every SimHost).")
     gamma: float = _f(0.8, "Discount.")
@@ -400,22 +401,46 @@ class FinetuneConfig(_Checked):
     push_alpha: float = _f(1.0, "Push-away AWR: weight of the push-down term on negative advantages.")
     push_max: float = _f(1.0, "Push-away AWR: max nats a pushed action's log-likelihood may fall below the "
                               "data-collecting policy's (the bound of the push term).")
-    value_warmup_iters: int = _f(1, "GAE: first rounds train only the value net (the actor waits for it).")
+    value_warmup_iters: int = _f(1, "GAE and sac: first rounds train only the value net / the Q ensemble (the actor waits).")
     critic_online: bool = _f(True, "IQL/SARSA: keep training the pretrained critics on online data.")
     expectile: float = _f(0.7, "IQL expectile for online critic training (SARSA uses 0.5).")
     mc_samples: int = _f(2, "MC: re-rollouts per (state, action) and per state.")
-    mc_horizon: int = _f(20, "MC: re-rollout horizon cap in steps (gamma^horizon is the neglected tail).")
+    mc_horizon: Optional[int] = _f(None, "MC: re-rollout horizon cap in steps; null: the remaining steps of the "
+                                         "episode's time limit (unbiased; a cap neglects the gamma^horizon tail).")
     mc_fraction: float = _f(0.25, "MC: fraction of each round's states re-rolled (the rest are not used).")
     rerollout_policy: Literal["current", "checkpoint", "expert"] = _f(
         "current", "MC: policy followed in re-rollouts: the current policy, a fixed checkpoint, or the scripted expert.")
     rerollout_checkpoint: str = _f("", "MC: checkpoint of the fixed re-rollout policy (rerollout_policy=checkpoint).")
     init_log_std: Optional[float] = _f(None, "Reset the actor's log std at the start (null: keep the pretrained one).")
+    replay: bool = _f(False, "Off-policy path (IQL/SARSA x AWR/push-away): keep every online transition in a replay "
+                             "buffer; each round takes updates_per_round gradient steps on minibatches mixing it "
+                             "with the offline data, the critics keep learning on the same mix and advantages are "
+                             "recomputed on every minibatch (IQL's online finetuning, AWAC). false: the on-policy "
+                             "path (each round's own samples, epochs x minibatches).")
+    offline_ratio: float = _f(0.5, "replay: fraction of each minibatch drawn from the offline data (0.5: RLPD's "
+                                   "symmetric sampling; 0: replay only).")
+    updates_per_round: int = _f(100, "replay: gradient steps per round (the update-to-data ratio is "
+                                     "updates_per_round * batch_size / env steps per round).")
+    batch_size: int = _f(256, "replay: minibatch size.")
+    replay_size: int = _f(1_000_000, "replay: capacity of the replay buffer (oldest transitions dropped first).")
+    bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
+                             "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
+    offline_dataset: str = _f("", "Offline data for replay / bc_coef (empty: the start checkpoint's "
+                                  "pretrain.dataset and pretrain.num_episodes).")
+    sac_ensemble: int = _f(10, "sac: Q networks in the ensemble (RLPD: 10).")
+    sac_subset: int = _f(2, "sac: target heads whose minimum forms the TD target (RLPD/REDQ: 2).")
+    sac_layer_norm: bool = _f(True, "sac: LayerNorm after every hidden layer of the Q networks (RLPD).")
+    sac_init_alpha: float = _f(0.1, "sac: initial entropy temperature (RLPD starts at 1.0 from scratch; a "
+                                    "pretrained actor gets a smaller push towards entropy at the start).")
+    sac_target_entropy: Optional[float] = _f(None, "sac: target entropy of the temperature tuning (null: "
+                                                   "-act_dim / 2, RLPD's choice).")
+    sac_tau: float = _f(0.005, "sac: Polyak rate of the target Q networks.")
     eval_every: int = _f(5, "Deterministic evaluation every K rounds (and before the first and after the last).")
     eval_episodes: int = _f(20, "Episodes per evaluation.")
 
     def check(self) -> None:
-        for name in ("iterations", "steps_per_iter", "epochs", "minibatches", "mc_samples", "mc_horizon",
-                     "eval_every", "eval_episodes"):
+        for name in ("iterations", "steps_per_iter", "epochs", "minibatches", "mc_samples", "eval_every",
+                     "eval_episodes", "updates_per_round", "batch_size", "replay_size", "sac_ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda", "expectile"):
@@ -432,6 +457,30 @@ class FinetuneConfig(_Checked):
             raise ConfigError("value_warmup_iters", f"must be >= 0, got {self.value_warmup_iters}")
         if self.rerollout_policy == "checkpoint" and not self.rerollout_checkpoint:
             raise ConfigError("rerollout_checkpoint", "needed when rerollout_policy is checkpoint")
+        if self.mc_horizon is not None and self.mc_horizon < 1:
+            raise ConfigError("mc_horizon", f"must be >= 1 or null (the rest of the episode), got {self.mc_horizon}")
+        if self.advantage == "mc" and self.rerollout_policy == "current" and self.mc_samples < 2:
+            raise ConfigError("mc_samples", "re-rolling with the current (stochastic) policy needs mc_samples >= 2, "
+                                            f"got {self.mc_samples}")
+        if not 0.0 <= self.offline_ratio <= 1.0:
+            raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
+        if self.bc_coef < 0:
+            raise ConfigError("bc_coef", f"must be >= 0, got {self.bc_coef}")
+        if self.update == "sac":
+            if not self.replay:
+                raise ConfigError("update", "sac trains off-policy: set finetune.replay=true")
+            if not 1 <= self.sac_subset <= self.sac_ensemble:
+                raise ConfigError("sac_subset", f"must be in [1, sac_ensemble={self.sac_ensemble}], got {self.sac_subset}")
+            if self.sac_init_alpha <= 0:
+                raise ConfigError("sac_init_alpha", f"must be > 0, got {self.sac_init_alpha}")
+            if not 0 < self.sac_tau <= 1:
+                raise ConfigError("sac_tau", f"must be in (0, 1], got {self.sac_tau}")
+        elif self.replay and self.advantage not in ("iql", "sarsa"):
+            raise ConfigError("replay", f"the replay path trains critics off-policy, so it needs advantage iql or "
+                                        f"sarsa, got {self.advantage} (GAE and MC are on-policy: use bc_coef)")
+        if self.replay and self.update not in ("awr", "push_away", "sac"):
+            raise ConfigError("replay", f"the replay path needs update awr, push_away or sac, got {self.update} "
+                                        "(PPO is on-policy: use bc_coef)")
 
 
 @dataclass(frozen=True)
@@ -496,12 +545,29 @@ def _describe(tp: Any) -> str:
 
 def _is_nan(value: Any) -> bool:
     """A float NaN, or a string that reads as one (YAML reads ``nan`` as a string, ``.nan`` as a float)."""
+    value = _as_float(value)
+    return isinstance(value, float) and value != value
+
+
+def _as_float(value: Any) -> Any:
+    """``value`` as a float when it is a number or a string that reads as one (YAML 1.1 reads ``1e-3``,
+    ``nan`` and ``inf`` as strings, ``.nan`` and ``.inf`` as floats); otherwise unchanged."""
     if isinstance(value, str):
         try:
-            value = float(value)
+            return float(value)
         except ValueError:
-            return False
-    return isinstance(value, float) and value != value
+            return value
+    return value
+
+
+def _non_finite(value: Any) -> bool:
+    """A float NaN or +/-Inf, or a string that reads as one."""
+    value = _as_float(value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+class _NonFinite(ConfigError):
+    """A NaN or +/-Inf given for a float key (the one check every float key of every section goes through)."""
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -519,13 +585,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        if float in args and _is_nan(value):
-            raise ConfigError(path, "must be a finite number or null, got nan")
+        if float in args and _non_finite(value):
+            raise _NonFinite(path, f"must be a finite number or null, got {_as_float(value)}")
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path)
+            except _NonFinite:
+                raise  # e.g. an inf inside an Optional list of floats: name the element
             except ConfigError:
                 pass
         raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
@@ -535,15 +603,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         elem = typing.get_args(tp)[0]
         return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _as_float(value)  # YAML 1.1 reads 1e-3 (no dot), nan and inf as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
-        if value != value:
-            raise ConfigError(path, "must be a finite number, got nan")
+        if not math.isfinite(value):  # every float key, Optional[float] and tuple elements included
+            raise _NonFinite(path, f"must be a finite number, got {value}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -620,7 +684,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError("", f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, prefix=key) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -645,15 +709,72 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is a ConfigError naming its path
+    (plain PyYAML keeps the last value silently)."""
+
+    key_prefix = ""  # the dotted path of the parsed text (an override's key)
+    source_name = ""  # the file, for the message
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._paths: dict[int, str] = {}
+        self._name_paths(node, self.key_prefix, set())
+        return self.construct_document(node)
+
+    def _name_paths(self, node: Any, path: str, seen: set) -> None:
+        if id(node) in seen:  # an alias: named where it was anchored
+            return
+        seen.add(id(node))
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                self._name_paths(v, f"{path}.{key}" if path else key, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._name_paths(v, f"{path}[{i}]", seen)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        first: dict[str, int] = {}
+        for k, _ in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = k.start_mark.line + 1
+            if k.value in first:
+                parent = self._paths.get(id(node), self.key_prefix)
+                where = f" in {self.source_name}" if self.source_name else ""
+                raise ConfigError(f"{parent}.{k.value}" if parent else k.value,
+                                  f"is given twice{where} (lines {first[k.value]} and {line}); keep one")
+            first[k.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, prefix: str = "", source: str = "") -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (see :class:`_StrictLoader`)."""
+    loader = _StrictLoader(text)
+    loader.key_prefix, loader.source_name = prefix, source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with clear errors for a missing, unreadable or malformed file."""
+    """Read a YAML mapping with clear errors for a missing, unreadable or malformed file.
+
+    A key given twice is refused (ConfigError naming it); an empty file (or one of comments only) means
+    every key takes its default, and says so in one note line on stderr.
+    """
     p = Path(path)
     if not p.exists():
         raise OffrlError(f"config file not found: {p}")
     if p.is_dir():
         raise OffrlError(f"config path is a folder, not a YAML file: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _load_yaml(p.read_text(), source=str(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -661,6 +782,7 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise OffrlError(f"cannot read config file {p}: {e}") from None
     if data is None:
+        sys.stderr.write(f"[offrl] note: {p} is empty: every key takes its default\n")
         return {}
     if not isinstance(data, dict):
         raise OffrlError(f"{p}: the top level must be a mapping of config sections")

@@ -49,6 +49,16 @@ def test_yaml_and_overrides(tmp_path):
     ("pretrain.actor_lr=nan", "pretrain.actor_lr", "finite number"),
     ("policy.min_log_std=-inf", "policy.min_log_std", "finite number"),
     ("eval.ignore_terminations=maybe", "eval.ignore_terminations", "true or false"),
+    ("finetune.offline_ratio=1.5", "finetune.offline_ratio", "in [0, 1]"),
+    ("finetune.offline_ratio=-0.1", "finetune.offline_ratio", "in [0, 1]"),
+    ("finetune.offline_ratio=nan", "finetune.offline_ratio", "finite number"),
+    ("finetune.bc_coef=-1", "finetune.bc_coef", "must be >= 0"),
+    ("finetune.bc_coef=inf", "finetune.bc_coef", "finite number"),
+    ("finetune.updates_per_round=0", "finetune.updates_per_round", "must be >= 1"),
+    ("finetune.batch_size=-4", "finetune.batch_size", "must be >= 1"),
+    ("finetune.replay_size=0", "finetune.replay_size", "must be >= 1"),
+    ("finetune.mc_horizon=0", "finetune.mc_horizon", "or null"),
+    ("finetune.replay=maybe", "finetune.replay", "true or false"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:
@@ -97,3 +107,36 @@ def test_every_key_is_documented():
     assert len(keys) > 20
     for key, tp, default, help_ in keys:
         assert help_, f"config key {key} has no help text"
+
+
+@pytest.mark.parametrize("overrides, path, words", [
+    (["finetune.replay=true"], "finetune.replay", "needs advantage iql or sarsa"),
+    (["finetune.replay=true", "finetune.advantage=iql", "finetune.update=ppo"], "finetune.replay", "awr, push_away or sac"),
+    (["finetune.advantage=mc", "finetune.mc_samples=1"], "finetune.mc_samples", "mc_samples >= 2"),
+    (["finetune.update=sac"], "finetune.update", "set finetune.replay=true"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_subset=11"], "finetune.sac_subset", "[1, sac_ensemble=10]"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_init_alpha=0"], "finetune.sac_init_alpha", "> 0"),
+])
+def test_finetune_combinations_that_cannot_work_are_refused(overrides, path, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert e.value.path == path and words in str(e.value)
+    # a deterministic re-rollout policy needs one sample only
+    load_config(None, ["finetune.advantage=mc", "finetune.mc_samples=1", "finetune.rerollout_policy=expert"])
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from offrl.config import read_yaml
+    from offrl.platform.sweep import _spec_from_dict, parse_axes
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:  # every value valid (input files are made by the commands in each file's header)
+        data = read_yaml(path)
+        raw = data.pop("sweep", None)
+        from_dict(data)
+        if raw is not None:
+            parse_axes(raw.pop("axes", None))
+            _spec_from_dict(raw)

@@ -1,9 +1,23 @@
 """The online finetuning learner: one class for every (advantage estimator, update rule) pair.
 
 It owns the actor, the value net (GAE; trained online), the pretrained Q/V critics (IQL, SARSA;
-optionally trained online) and their optimizers. Advantages are computed by the pure functions of
-:mod:`offrl.algos.advantages`; updates use the losses of :mod:`offrl.algos.policy_losses`. The loop
-that feeds it lives in :mod:`offrl.platform.finetune`.
+optionally trained online), their optimizers, and for off-policy finetuning the replay buffer and the
+offline data. Advantages are computed by the pure functions of :mod:`offrl.algos.advantages`; updates
+use the losses of :mod:`offrl.algos.policy_losses`. The loop that feeds it lives in
+:mod:`offrl.platform.finetune`.
+
+Two paths, chosen by ``finetune.replay``:
+
+* on-policy (:meth:`FinetuneLearner.update`): epochs x minibatches over one round's samples with the
+  round's advantages;
+* replay (:meth:`FinetuneLearner.update_replay`): ``updates_per_round`` gradient steps, each on a fresh
+  minibatch mixing the replay buffer and the offline data (:func:`offrl.algos.replay.mixed_batch`). On each
+  minibatch the critics take one expectile step, then the advantages ``A = min_i Q_target,i(s, a) - V(s)``
+  are recomputed with the updated critics and drive one AWR / push-away actor step (IQL's online
+  finetuning, Kostrikov et al. 2021; AWAC, Nair et al. 2020).
+
+Both add ``bc_coef * -mean log pi(a | s)`` over an offline minibatch to every actor loss when
+``bc_coef > 0`` (DAPG's behaviour-cloning term, Rajeswaran et al. 2018).
 
 Batch contract of :meth:`FinetuneLearner.update` (flat ``[B]`` unless noted): obs ``[B, d]``,
 actions ``[B, a]`` (as executed; critics use them), raw_actions ``[B, a]`` (the unclipped sample whose
@@ -24,15 +38,58 @@ from offrl.algos.critics import Critics, VNet, iql_q_loss, iql_value_loss
 from offrl.algos.networks import GaussianActor
 from offrl.algos.optim import guarded_step
 from offrl.algos.policy_losses import awr_loss, normalize, ppo_loss, push_away_awr_loss, value_loss
+from offrl.algos.replay import ReplayBuffer, mixed_batch
 from offrl.errors import OffrlError
 
 
-class FinetuneLearner:
+class RoundLearner:
+    """What the finetuning loop needs of every learner: round counters, the generator, replay rounds.
+
+    Subclasses set ``cfg``, ``replay`` and ``offline`` and call :meth:`_init_rounds`."""
+
+    def _init_rounds(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.iteration = 0
+        self.updates = 0
+
+    def _replay_rounds(self, one_step: Any) -> dict[str, float]:
+        """``updates_per_round`` x ``one_step(minibatch) -> metrics`` on fresh replay + offline minibatches;
+        returns the averaged metrics plus ``grad_steps``."""
+        cfg = self.cfg
+        hist: dict[str, list[float]] = {}
+        for _ in range(cfg.updates_per_round):
+            b = mixed_batch(self.replay, self.offline, cfg.batch_size, cfg.offline_ratio, self.gen)
+            m = {"offline_frac": float(b["offline"].float().mean()), **one_step(b)}
+            for k, v in m.items():
+                hist.setdefault(k, []).append(v)
+        self.updates += 1
+        out = {k: float(np.mean(v)) for k, v in hist.items()}
+        out["grad_steps"] = float(cfg.updates_per_round)
+        return out
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"finetune": self.gen}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "updates": self.updates}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.iteration = int(state.get("iteration", 0))
+        self.updates = int(state.get("updates", 0))
+
+
+class FinetuneLearner(RoundLearner):
     """Advantage estimator x update rule, both chosen by config (``cfg`` is a FinetuneConfig)."""
 
     def __init__(self, actor: GaussianActor, cfg: Any, value: Optional[VNet] = None,
-                 critics: Optional[Critics] = None, seed: int = 0):
+                 critics: Optional[Critics] = None, seed: int = 0,
+                 offline: Optional[Mapping[str, torch.Tensor]] = None):
         self.cfg = cfg
+        # offline transitions in the replay batch contract (logprob: the start policy's, see the loop)
+        self.offline = offline
+        if (cfg.bc_coef > 0 or (cfg.replay and cfg.offline_ratio > 0)) and offline is None:
+            raise ValueError("bc_coef > 0 and replay with offline_ratio > 0 need offline data")
+        self.replay = ReplayBuffer(cfg.replay_size, actor.obs_dim, actor.act_dim) if cfg.replay else None
         self.actor = actor
         self.value = value
         self.critics = critics
@@ -47,9 +104,7 @@ class FinetuneLearner:
         if critics is not None and cfg.critic_online and cfg.advantage in ("iql", "sarsa"):
             self.critic_opt = torch.optim.Adam(list(critics.v.parameters()) + list(critics.q.parameters()),
                                                lr=cfg.critic_lr)
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.iteration = 0
-        self.updates = 0
+        self._init_rounds(seed)
 
     @property
     def tau(self) -> float:
@@ -107,43 +162,83 @@ class FinetuneLearner:
         out["epochs"] = float(epochs_done)
         return out
 
-    def _minibatch(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor, train_actor: bool) -> dict[str, float]:
+    def bc_loss(self, n: int) -> torch.Tensor:
+        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term)."""
+        off = self.offline
+        idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
+        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx]).mean()
+
+    def _actor_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The update rule's loss on a minibatch (plus the BC term when ``bc_coef > 0``)."""
         cfg = self.cfg
-        m: dict[str, float] = {}
         obs, act = b["obs"], b["actions"]
-        if train_actor:
-            # log-probs on the raw (unclipped) sample: the behaviour log-prob was computed on it
-            logp = self.actor.log_prob(obs, b.get("raw_actions", act))
-            if cfg.update == "ppo":
-                a = normalize(adv) if cfg.normalize_advantage else adv
-                loss, pm = ppo_loss(logp, b["logprob"], a, cfg.clip)
-                ent = self.actor.entropy(obs).mean()
-                loss = loss - cfg.ent_coef * ent
-                pm["entropy"] = float(ent.detach())
-            elif cfg.update == "awr":
+        # log-probs on the raw (unclipped) sample: the behaviour log-prob was computed on it
+        logp = self.actor.log_prob(obs, b.get("raw_actions", act))
+        if cfg.update == "ppo":
+            a = normalize(adv) if cfg.normalize_advantage else adv
+            loss, pm = ppo_loss(logp, b["logprob"], a, cfg.clip)
+            ent = self.actor.entropy(obs).mean()
+            loss = loss - cfg.ent_coef * ent
+            pm["entropy"] = float(ent.detach())
+        else:
+            if cfg.update == "awr":
                 loss, pm = awr_loss(logp, adv, cfg.beta, cfg.max_weight)
-                with torch.no_grad():
-                    lr = logp - b["logprob"]
-                    pm["approx_kl"] = float(((lr.exp() - 1) - lr).mean())
             else:
                 loss, pm = push_away_awr_loss(logp, b["logprob"], adv, cfg.beta, cfg.max_weight, cfg.push_alpha,
                                               cfg.push_max)
-                with torch.no_grad():
-                    lr = logp - b["logprob"]
-                    pm["approx_kl"] = float(((lr.exp() - 1) - lr).mean())
+            with torch.no_grad():
+                lr = logp - b["logprob"]
+                pm["approx_kl"] = float(((lr.exp() - 1) - lr).mean())
+        if cfg.bc_coef > 0:
+            bc = self.bc_loss(obs.shape[0])
+            loss = loss + cfg.bc_coef * bc
+            pm["bc_loss"] = float(bc.detach())
+        return loss, pm
+
+    def _critic_step(self, b: Mapping[str, torch.Tensor]) -> float:
+        """One expectile step of V and Q (tau: ``expectile``, 0.5 for SARSA) and a Polyak target update."""
+        obs, act = b["obs"], b["actions"]
+        v_loss, _ = iql_value_loss(self.critics, obs, act, self.tau)
+        q_loss, _ = iql_q_loss(self.critics, obs, act, b["rewards"], b["next_obs"], b["terminated"], self.cfg.gamma)
+        self._step(self.critic_opt, v_loss + q_loss, self.critic_opt.param_groups[0]["params"], "critic")
+        self.critics.polyak(0.005)
+        return float((v_loss + q_loss).detach())
+
+    def _minibatch(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor, train_actor: bool) -> dict[str, float]:
+        cfg = self.cfg
+        m: dict[str, float] = {}
+        if train_actor:
+            loss, pm = self._actor_loss(b, adv)
             self._step(self.actor_opt, loss, self.actor.parameters(), "policy")
             m.update(pm)
         if self.value_opt is not None and "returns" in b:
-            vl = value_loss(self.value(obs), b["returns"])
+            vl = value_loss(self.value(b["obs"]), b["returns"])
             self._step(self.value_opt, cfg.vf_coef * vl if cfg.update == "ppo" else vl, self.value.parameters(), "value")
             m["value_loss"] = float(vl.detach())
         if self.critic_opt is not None and "next_obs" in b:
-            v_loss, _ = iql_value_loss(self.critics, obs, act, self.tau)
-            q_loss, _ = iql_q_loss(self.critics, obs, act, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma)
-            self._step(self.critic_opt, v_loss + q_loss, self.critic_opt.param_groups[0]["params"], "critic")
-            self.critics.polyak(0.005)
-            m["critic_loss"] = float((v_loss + q_loss).detach())
+            m["critic_loss"] = self._critic_step(b)
         return m
+
+    def update_replay(self, train_actor: bool = True) -> dict[str, float]:
+        """``updates_per_round`` steps on replay + offline minibatches; advantages recomputed on each one
+        with the critics just updated. Returns averaged metrics, including the minibatch advantages'
+        ``adv_mean`` / ``adv_std`` / ``pos_ratio`` and the offline share ``offline_frac``."""
+        cfg = self.cfg
+
+        def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
+            m: dict[str, float] = {}
+            if self.critic_opt is not None:
+                m["critic_loss"] = self._critic_step(b)
+            adv = self.critic_advantages(b["obs"], b["actions"])
+            m.update(adv_mean=float(adv.mean()), adv_std=float(adv.std()), pos_ratio=float((adv > 0).float().mean()))
+            if train_actor:
+                a = normalize(adv) if cfg.normalize_advantage else adv
+                loss, pm = self._actor_loss(b, a)
+                self._step(self.actor_opt, loss, self.actor.parameters(), "policy")
+                m.update(pm)
+            return m
+
+        return self._replay_rounds(one_step)
 
     # ----------------------------------------------------------------------------- checkpoint
     def modules(self) -> dict[str, nn.Module]:
@@ -157,13 +252,3 @@ class FinetuneLearner:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {k: o for k, o in (("actor", self.actor_opt), ("value", self.value_opt), ("critics", self.critic_opt))
                 if o is not None}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"finetune": self.gen}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "updates": self.updates}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.iteration = int(state.get("iteration", 0))
-        self.updates = int(state.get("updates", 0))

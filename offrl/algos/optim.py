@@ -16,7 +16,7 @@ def guarded_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, gr
     ``grad_clip`` is the max gradient norm (0 disables clipping).
     """
     if not torch.isfinite(loss):
-        raise OffrlError(error.format(loss=float(loss)))
+        raise OffrlError(error.format(loss=float(loss.detach())))  # detach: no autograd warning line
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:

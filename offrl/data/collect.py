@@ -269,6 +269,9 @@ def collect(cfg: Any, progress: Optional[bool] = None, write: bool = True,
     t0 = time.time()
     own_pool = pool is None
     if own_pool:
+        from offrl.envs.maniskill import probe_env
+
+        probe_env(cfg.env)  # a bad task or controller is one line before Ray starts
         init_ray(cfg.cluster)
         cpus_before = ray.available_resources().get("CPU", 0.0)
         pool = SimHostPool(replace(cfg.env, num_envs=1), cfg.cluster, seed=cfg.seed)

@@ -333,11 +333,48 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path, log: Any = None) -> list[Path]:
+    """Remove the temporary files (``.<stem>.tmp-<pid>.h5`` / ``.json``) an earlier write of ``path`` left
+    behind when its process was killed (SIGKILL, power loss): only those whose process is gone, so a
+    write in progress elsewhere keeps its own. Says so in one note line (``log``, default stderr)."""
+    import re
+    import sys
+
+    pattern = re.compile(rf"^\.{re.escape(path.stem)}\.tmp-(\d+)\.(h5|json)$")
+    removed = []
+    if path.parent.is_dir():
+        for f in sorted(path.parent.iterdir()):
+            m = pattern.match(f.name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                try:
+                    f.unlink()
+                    removed.append(f)
+                except OSError:
+                    pass
+    if removed:
+        pids = sorted({int(pattern.match(f.name).group(1)) for f in removed})
+        note = (f"[offrl] note: removed {len(removed)} stale temporary file(s) of {path.name} left by killed "
+                f"write(s) (pid {', '.join(map(str, pids))}): {', '.join(f.name for f in removed)}")
+        (log or (lambda m: sys.stderr.write(m + "\n")))(note)
+    return removed
+
+
 def write_trajectories(path: str | Path, episodes: list[Episode], meta: dict, progress: bool = False) -> Path:
     """Write episodes and metadata as a ManiSkill trajectory pair (``path`` and its .json), atomically.
 
     Episodes are renumbered ``traj_0 .. traj_{n-1}``. Both files are written to temporary names in the
-    same folder and renamed only when complete, so an interrupted write leaves no partial dataset.
+    same folder and renamed only when complete, so an interrupted write leaves no partial dataset; the
+    temporary files of an earlier write that was killed are removed first (:func:`remove_stale_temps`).
     """
     import h5py
 
@@ -347,6 +384,7 @@ def write_trajectories(path: str | Path, episodes: list[Episode], meta: dict, pr
     if not episodes:
         raise OffrlError(f"refusing to write {path}: no episodes")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tag = f".tmp-{os.getpid()}"
     tmp_h5 = path.with_name(f".{path.stem}{tag}.h5")
     tmp_json = path.with_name(f".{path.stem}{tag}.json")

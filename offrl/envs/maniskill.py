@@ -67,6 +67,9 @@ def _index_state(state: dict, i: Any) -> dict:
     return {k: (_index_state(v, i) if isinstance(v, dict) else v[i]) for k, v in state.items()}
 
 
+_NO_VULKAN = "SAPIEN found no usable Vulkan device"
+
+
 def check_env_id(env_id: str) -> None:
     """Raise OffrlError naming ``env_id`` when ManiSkill does not know it (cheap: no simulator is built)."""
     gym = _import_maniskill()
@@ -82,6 +85,8 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
     """``gym.make`` a ManiSkill task and return its unwrapped env; unknown ids raise OffrlError."""
     gym = _import_maniskill()
     check_env_id(env_id)
+    if not obs_mode.startswith("state"):  # refused before building: camera modes would start a renderer
+        raise OffrlError(f"obs_mode '{obs_mode}' is not supported: offrl needs flat state vectors (obs_mode=state)")
     kwargs: dict[str, Any] = dict(num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
                                   reward_mode=reward_mode, sim_backend=sim_backend, render_mode=None)
     if obs_mode.startswith("state"):
@@ -97,7 +102,7 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
                          f"reward_mode={reward_mode}, sim_backend={sim_backend}): {msg}") from None
     except RuntimeError as e:
         if "rendering device" in str(e) or "Vulkan" in str(e) or "vk::" in str(e):
-            raise OffrlError("SAPIEN found no usable Vulkan device; run scripts/setup_system.sh "
+            raise OffrlError(f"{_NO_VULKAN}; run scripts/setup_system.sh "
                              "(Mesa >= 24.3 lavapipe on CPU machines)") from None
         raise
     u = env.unwrapped
@@ -328,6 +333,40 @@ class ManiSkillGPUSim:
 
     def close(self) -> None:
         self.env.close()
+
+
+_PROBED: dict[tuple, dict] = {}
+
+
+def probe_env(env_cfg: Any) -> Optional[dict]:
+    """Build the task of an :class:`offrl.config.EnvConfig` once in this process (one ``physx_cpu`` env,
+    about half a second) and return its spaces: ``obs_dim``, ``act_dim``, ``action_low``, ``action_high``.
+
+    Called by drivers before any SimHost actor exists, so that a bad ``env.id``, ``env.control_mode``,
+    ``env.obs_mode`` or ``env.sim_config`` is one OffrlError line here rather than an actor-creation
+    traceback from Ray. The CPU backend stands in for the GPU one: tasks, controllers and observation
+    modes are the same on both. Results are cached per setting. Returns None when this process cannot
+    build simulators at all (no Vulkan device, e.g. a head node without one): the actors then decide.
+    """
+    key = (env_cfg.id, env_cfg.control_mode, env_cfg.obs_mode, env_cfg.reward_mode,
+           repr(sorted(dict(env_cfg.sim_config).items())))
+    if key not in _PROBED:
+        try:
+            u = make_maniskill_env(env_cfg.id, num_envs=1, sim_backend="physx_cpu",
+                                   control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode,
+                                   reward_mode=env_cfg.reward_mode, sim_config=dict(env_cfg.sim_config) or None)
+        except OffrlError as e:
+            if str(e).startswith(_NO_VULKAN):
+                return None
+            raise
+        try:
+            _PROBED[key] = {"obs_dim": int(u.single_observation_space.shape[0]),
+                            "act_dim": int(u.single_action_space.shape[0]),
+                            "action_low": np.asarray(u.single_action_space.low, np.float32).tolist(),
+                            "action_high": np.asarray(u.single_action_space.high, np.float32).tolist()}
+        finally:
+            u.close()
+    return dict(_PROBED[key])
 
 
 def make_sim(env_cfg: Any, autoreset: bool = True):

@@ -10,6 +10,7 @@ Layout::
             optimizers.pt        optimizer state dicts by name
             state.json           step and any extra counters
             rng.pt               python, numpy and torch RNG states (+ named torch Generators)
+            <name>.safetensors   optional named tensor sets (e.g. finetuning's replay buffer)
 
 A kill at any moment leaves either the complete previous checkpoints or a ``.tmp-*`` folder that
 readers ignore, never a torn ``<step>/`` folder. Parts load selectively (``parts=("actor",)``).
@@ -64,8 +65,12 @@ def set_rng_state(state: dict, generators: Optional[Mapping[str, torch.Generator
 def save_checkpoint(ckpt_root: str | Path, step: int, modules: Mapping[str, nn.Module], *,
                     optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
                     config: Optional[dict] = None, extra_state: Optional[dict] = None,
-                    generators: Optional[Mapping[str, torch.Generator]] = None, keep: Optional[int] = None) -> Path:
-    """Write ``<ckpt_root>/<step>/`` atomically; optionally keep only the newest ``keep`` checkpoints."""
+                    generators: Optional[Mapping[str, torch.Generator]] = None, keep: Optional[int] = None,
+                    state_tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> Path:
+    """Write ``<ckpt_root>/<step>/`` atomically; optionally keep only the newest ``keep`` checkpoints.
+
+    ``state_tensors`` ``{name: {key: tensor}}`` go to ``training_state/<name>.safetensors``
+    (read back with :func:`load_state_tensors`)."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / str(int(step))
@@ -84,6 +89,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, modules: Mapping[str, nn.M
         torch.save({k: o.state_dict() for k, o in (optimizers or {}).items()}, ts / "optimizers.pt")
         (ts / "state.json").write_text(json.dumps({"step": int(step), **(extra_state or {})}, indent=2))
         torch.save(rng_state(generators), ts / "rng.pt")
+        for name, tens in (state_tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tens.items()} or {"_empty": torch.zeros(0)},
+                      str(ts / f"{name}.safetensors"))
         for f in list(tmp.rglob("*")):
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -114,17 +122,61 @@ def latest_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a checkpoints/ folder or a run directory; return the checkpoint folder."""
+    """Accept a checkpoint folder, a checkpoints/ folder or a run directory; return the checkpoint folder.
+
+    The folder is checked to be complete and readable (:func:`check_checkpoint`), so a torn or foreign
+    checkpoint is one OffrlError line before anything starts.
+    """
     p = Path(path)
     if not p.exists():
         raise OffrlError(f"checkpoint not found: {p}")
     if (p / "model.safetensors").exists():
-        return p
+        return check_checkpoint(p)
     for root in (p, p / "checkpoints"):
         last = latest_checkpoint(root)
         if last is not None:
-            return last
+            return check_checkpoint(last)
     raise OffrlError(f"no checkpoint in {p} (expected model.safetensors or checkpoints/<step>/)")
+
+
+def checkpoint_json(ckpt: str | Path, name: str) -> dict:
+    """A JSON file of a checkpoint folder (``config.json``, ``training_state/state.json``) as a mapping;
+    a missing or unreadable file is an OffrlError naming it."""
+    f = Path(ckpt) / name
+    try:
+        data = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise OffrlError(f"incomplete checkpoint {ckpt}: no {name}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OffrlError(f"corrupt checkpoint {ckpt}: {name} is not readable JSON "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise OffrlError(f"corrupt checkpoint {ckpt}: {name} holds a {type(data).__name__}, not a mapping")
+    return data
+
+
+def check_checkpoint(ckpt: str | Path) -> Path:
+    """Raise OffrlError unless ``ckpt`` is a complete, readable checkpoint folder: the safetensors headers
+    parse and cover their files (a truncated or overwritten file fails here), config.json and
+    training_state/state.json are JSON mappings. Cheap: no tensor is read."""
+    from safetensors import safe_open
+
+    p = Path(ckpt)
+    for name, required in (("model.safetensors", True), ("normalizer.safetensors", False)):
+        f = p / name
+        if not f.is_file():
+            if required:
+                raise OffrlError(f"incomplete checkpoint {p}: no {name}")
+            continue
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors raises several types on truncated or foreign files
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OffrlError(f"corrupt checkpoint {p}: {name}: {why}") from None
+    checkpoint_json(p, "config.json")
+    checkpoint_json(p, "training_state/state.json")
+    return p
 
 
 def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, parts: Optional[Iterable[str]] = None,
@@ -155,7 +207,7 @@ def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, parts
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             raise OffrlError(f"checkpoint {p} part '{part}' does not fit the network: {first}") from None
-    state = json.loads((p / "training_state" / "state.json").read_text())
+    state = checkpoint_json(p, "training_state/state.json")
     if optimizers:
         saved = torch.load(p / "training_state" / "optimizers.pt", weights_only=False)
         for k, o in optimizers.items():
@@ -164,5 +216,18 @@ def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, parts
     if restore_rng:
         set_rng_state(torch.load(p / "training_state" / "rng.pt", weights_only=False), generators)
     state["path"] = str(p)
-    state["config"] = json.loads((p / "config.json").read_text())
+    state["config"] = checkpoint_json(p, "config.json")
     return state
+
+
+def load_state_tensors(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensor set ``name`` saved with ``save_checkpoint(..., state_tensors=...)``."""
+    p = resolve_checkpoint(path) / "training_state" / f"{name}.safetensors"
+    if not p.exists():
+        raise OffrlError(f"checkpoint {p.parent.parent} has no saved '{name}' state")
+    try:
+        out = load_file(str(p))
+    except Exception as e:
+        raise OffrlError(f"corrupt checkpoint file {p}: {e}") from None
+    out.pop("_empty", None)
+    return out

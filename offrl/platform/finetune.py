@@ -10,21 +10,19 @@ main rollouts (re-rollout steps are counted apart in ``time/rerollout_steps``).
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import numpy as np
 import torch
 
 from offrl import metrics as M
-from offrl.config import from_dict, replace, to_dict
+from offrl.config import from_dict, to_dict
 from offrl.errors import OffrlError
 
 
-def _load_start(cfg: Any, log: Any) -> tuple[Any, dict, Any, Optional[Any], Optional[Any], Path]:
+def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any, dict, Any, Optional[Any], Optional[Any], Path]:
     """Actor (+ critics / value net) from the pretrained checkpoint; the env follows the checkpoint's."""
     from offrl.algos.critics import Critics, VNet
     from offrl.algos.networks import GaussianActor
@@ -43,11 +41,10 @@ def _load_start(cfg: Any, log: Any) -> tuple[Any, dict, Any, Optional[Any], Opti
         raise OffrlError(f"checkpoint {ckpt} holds a {arch['kind']} policy; online finetuning needs the Gaussian "
                          "mlp policy (its log-probabilities drive every update rule); pretrain with policy.kind=mlp")
     saved = from_dict(json.loads((ckpt / "config.json").read_text()))
-    changes = {k: v for k, v in (("env.id", saved.env.id), ("env.control_mode", saved.env.control_mode))
-               if v != getattr(cfg.env, k.split(".")[1])}
-    if changes:
-        log(f"[offrl] using the checkpoint's {', '.join(f'{k}={v}' for k, v in changes.items())}")
-        cfg = replace(cfg, **changes)
+    from offrl.platform.pretrain import follow_source
+
+    cfg = follow_source(cfg, {"env.id": saved.env.id, "env.control_mode": saved.env.control_mode},
+                        f"checkpoint {ckpt}", explicit, log)
     actor = GaussianActor(**arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
     if fc.init_log_std is not None:
@@ -62,6 +59,8 @@ def _load_start(cfg: Any, log: Any) -> tuple[Any, dict, Any, Optional[Any], Opti
         sc = saved.critic
         critics = Critics(arch["obs_dim"], arch["act_dim"], list(sc.hidden), sc.activation, sc.twin_q)
         load_checkpoint(ckpt, {"critics": critics}, parts=["critics"], restore_rng=False)
+    if fc.update == "sac":  # SAC brings its own Q ensemble
+        return cfg, arch, actor, None, None, ckpt
     if fc.advantage in ("iql", "sarsa") and critics is None:
         raise OffrlError(f"finetune.advantage={fc.advantage} needs critics in {ckpt} "
                          "(pretrain with algo bc+iql or bc+sarsa)")
@@ -80,147 +79,202 @@ def _flat(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])))
 
 
-def _rerollout_spec(cfg: Any, actor_spec_now: dict) -> dict:
-    fc = cfg.finetune
-    if fc.rerollout_policy == "current":
-        return actor_spec_now
-    if fc.rerollout_policy == "expert":
-        return {"kind": "expert", "name": "auto"}
-    from offrl.algos.networks import build_actor
-    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
-    from offrl.platform.pretrain import actor_spec
+def _round_seeds(seed: int, it: int, eval_every: int) -> tuple[Optional[int], int]:
+    """(env reset seed or None, policy sampling seed) of round ``it``.
 
-    ck = resolve_checkpoint(fc.rerollout_checkpoint)
-    arch = json.loads((ck / "training_state" / "state.json").read_text()).get("actor_arch")
-    if not arch:
-        raise OffrlError(f"finetune.rerollout_checkpoint {ck} has no actor")
-    ref = build_actor(arch)  # any policy kind: re-rollouts reset a stateful policy after each restore
-    load_checkpoint(ck, {"actor": ref}, parts=["actor"], restore_rng=False)
-    return actor_spec(ref, arch, deterministic=False)
-
-
-def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, cfg: Any, rng: np.random.Generator,
-                  seed: int, success_bonus: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Re-roll a random ``mc_fraction`` of the round's (state, action) pairs inside the actors.
-
-    Returns (flat indices into ``[T * N]``, advantages for them, stats).
+    The envs are reset at round 1 and at the first round after every checkpoint (checkpoints are written
+    at evaluation rounds, every ``eval_every``); episodes in progress there are cut, like the end of any
+    rollout segment. From a checkpoint on, a round is then a function of the saved weights and these
+    seeds alone, so ``--resume`` replays exactly what the uninterrupted run would have done.
     """
-    from offrl.algos.advantages import mc_rerollout_advantage
-    from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
+    reset = seed if it == 1 else (seed + 1_000_033 * it if (it - 1) % eval_every == 0 else None)
+    return reset, seed * 7919 + 104_729 * it
+
+
+def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, need_rewards: bool,
+                 log: Any) -> dict[str, torch.Tensor]:
+    """Offline transitions for the replay mix / BC term, in the replay batch contract.
+
+    The data is ``finetune.offline_dataset`` or the start checkpoint's own ``pretrain.dataset`` (and
+    ``num_episodes``). Rewards follow the finetuning env's ``reward_mode`` (``sparse``: the success flags)
+    plus the same success bonus as the online data. ``logprob`` is the start policy's log-likelihood of the
+    data's actions: the BC policy is the estimate of the data's behaviour policy (push-away's bound and the
+    approx-KL metric use it).
+    """
+    from offrl.data.dataset import OfflineDataset
 
     fc = cfg.finetune
-    T, N = data["rewards"].shape
-    k = max(1, int(math.ceil(fc.mc_fraction * T * N)))
-    chosen = np.sort(rng.choice(T * N, size=k, replace=False))
-    offsets = np.cumsum([0] + [r["obs"].shape[1] for r in results])
-    states, actions = [], []
-    for f in chosen:
-        t, n = divmod(int(f), N)
-        h = int(np.searchsorted(offsets, n, side="right") - 1)
-        states.append(index_state(results[h]["states"][t], n - offsets[h]))
-        actions.append(data["actions"][t, n])
-    out = rerollout_pool(pool, spec, stack_states(states), np.stack(actions), fc.mc_samples, fc.mc_horizon,
-                         fc.gamma, seed, success_bonus)
-    adv, q, v = mc_rerollout_advantage(torch.from_numpy(out["q"]), torch.from_numpy(out["v"]))
-    return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
-                                                    "q_mean": float(q.mean()), "v_mean": float(v.mean())}
+    path, n = fc.offline_dataset, None
+    if not path:
+        saved = json.loads((start_ckpt / "config.json").read_text()).get("pretrain", {})
+        path, n = saved.get("dataset", ""), saved.get("num_episodes")
+        if not path:
+            raise OffrlError(f"finetune.offline_dataset is empty and {start_ckpt} names no pretrain.dataset")
+    if not Path(path).exists():
+        raise OffrlError(f"finetune offline data not found: {path} (set finetune.offline_dataset)")
+    ds = OfflineDataset.load(path)
+    if n is not None and n < len(ds):
+        ds = ds.subset(range(int(n)))
+    if ds.obs_dim != actor.obs_dim or ds.act_dim != actor.act_dim:
+        raise OffrlError(f"{ds.name}: obs/action sizes {ds.obs_dim}/{ds.act_dim} do not match the policy's "
+                         f"{actor.obs_dim}/{actor.act_dim}")
+    reward = None
+    if need_rewards:
+        reward = "success" if cfg.env.reward_mode == "sparse" else cfg.env.reward_mode
+    t = ds.transitions(reward, success_bonus=success_bonus if reward else 0.0)
+    obs, act = t["obs"].float(), t["action"].float()
+    with torch.no_grad():
+        logp = torch.cat([actor.log_prob(obs[i:i + 8192], act[i:i + 8192]) for i in range(0, len(obs), 8192)])
+    out = {"obs": obs, "actions": act, "raw_actions": act, "logprob": logp,
+           "rewards": t["reward"].float() if reward else torch.zeros(len(obs)),
+           "next_obs": t["next_obs"].float(), "terminated": t["terminated"].bool()}
+    log(f"[offrl] offline data: {len(ds)} episodes, {len(obs)} transitions from {path}"
+        + (f", reward '{reward}'" if reward else ""))
+    return out
 
 
 def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
-                     exist_ok: bool = False) -> Path:
+                     exist_ok: bool = False, resume: bool = False, explicit: Collection[str] = ()) -> Path:
     """Finetune a pretrained policy online; write a run directory with metrics, checkpoints and eval.json.
 
     ``reporter(step, metrics, checkpoint_dir_or_None)`` is called after every logged row (Ray Tune
     trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
+    ``resume`` continues ``run.trial`` from its latest checkpoint: networks, optimizers, RNGs, round and
+    step counters and the replay buffer come back, the metric rows after the checkpoint are dropped, and
+    the rounds that follow are those the uninterrupted run would have taken (see :func:`_round_seeds`).
     """
     from offrl.algos.finetune import FinetuneLearner
     from offrl.algos.rewards import add_success_bonus, auto_success_bonus
-    from offrl.platform.checkpoint import save_checkpoint
+    from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint, load_state_tensors, save_checkpoint
     from offrl.platform.cluster import init_ray
+    from offrl.platform.estimators import Round, make_estimator
     from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
     from offrl.platform.jobs import progress
     from offrl.platform.logger import MetricLogger
     from offrl.platform.pretrain import actor_spec
     from offrl.platform.rollout import summarize_episodes
-    from offrl.platform.rundir import create_run_dir
+    from offrl.platform.rundir import create_run_dir, discard_run_dir
     from offrl.platform.simhost import SimHostPool, concat_rollouts
 
+    run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
+    resume_from = None
+    if resume:
+        if not cfg.run.trial:
+            raise OffrlError("--resume needs run.trial=<name> of the run to continue")
+        resume_from = latest_checkpoint(run_dir / "checkpoints")
+        if resume_from is None:
+            raise OffrlError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     torch.manual_seed(cfg.seed)
-    cfg, arch, actor, value, critics, start_ckpt = _load_start(cfg, log)
+    cfg, arch, actor, value, critics, start_ckpt = _load_start(cfg, log, explicit)
     fc = cfg.finetune
     bonus = auto_success_bonus(fc.success_bonus, cfg.env.reward_mode, fc.gamma, cfg.env.max_episode_steps)
+    offline = None
+    if fc.bc_coef > 0 or (fc.replay and fc.offline_ratio > 0):
+        offline = load_offline(cfg, start_ckpt, actor, bonus, need_rewards=fc.replay, log=log)
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
-    run_dir = None
+    created = False
     try:
         if pool.spec["obs_dim"] != arch["obs_dim"] or pool.spec["act_dim"] != arch["act_dim"]:
             raise OffrlError(f"checkpoint {start_ckpt} expects obs/action sizes {arch['obs_dim']}/{arch['act_dim']}, "
                              f"{cfg.env.id} gives {pool.spec['obs_dim']}/{pool.spec['act_dim']}")
-        learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed)
-        run_dir = create_run_dir(cfg, exist_ok=exist_ok)
-        logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+        if fc.update == "sac":
+            from offrl.algos.sac import SACLearner
+
+            learner = SACLearner(actor, fc, list(cfg.critic.hidden), cfg.critic.activation, seed=cfg.seed,
+                                 offline=offline)
+        else:
+            learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed, offline=offline)
         rng = np.random.default_rng(cfg.seed)
+        estimator = make_estimator(cfg, pool, bonus, rng)
         T, N = fc.steps_per_iter, pool.num_envs
-        log(f"[offrl] finetune {fc.advantage} x {fc.update} from {start_ckpt}: {len(pool)} SimHosts x "
-            f"{pool.spec['num_envs']} envs, {fc.iterations} rounds x {T * N} env steps"
-            + (f", success bonus {bonus:.3g}" if bonus else ""))
 
         def do_eval() -> dict:
             return evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), fc.eval_episodes, cfg.eval.seed,
                             ignore_terminations=cfg.eval.ignore_terminations)
 
-        def checkpoint(step: int) -> None:
-            save_checkpoint(run_dir / "checkpoints", step, learner.modules(), optimizers=learner.optimizers(),
-                            generators=learner.generators(), config=to_dict(cfg), keep=3,
-                            extra_state={**learner.extra_state(), "actor_arch": arch, "env_steps": step,
-                                         "start_checkpoint": str(start_ckpt)})
+        def checkpoint(step: int, start: dict, last: dict) -> Path:
+            extra = {**learner.extra_state(), "actor_arch": arch, "env_steps": step, "start_checkpoint": str(start_ckpt),
+                     "rerollout_steps": getattr(estimator, "rerollout_steps", 0), "rng": rng.bit_generator.state,
+                     "start_eval": start, "last_eval": last}
+            tensors = {}
+            if learner.replay is not None:
+                st = learner.replay.state_dict()
+                extra["replay_added"] = st["added"]
+                tensors["replay"] = st["rows"]
+            return save_checkpoint(run_dir / "checkpoints", step, learner.modules(), optimizers=learner.optimizers(),
+                                   generators=learner.generators(), config=to_dict(cfg), keep=3, extra_state=extra,
+                                   state_tensors=tensors)
 
-        start = do_eval()
-        logger.log(0, eval_metrics(start))
-        checkpoint(0)
-        if reporter is not None:
-            reporter(0, eval_metrics(start), run_dir / "checkpoints" / "0")
-        log(f"[offrl] start: success {start['success_at_end']['mean']:.2f} on {fc.eval_episodes} eval episodes")
-        env_steps, rr_steps, last = 0, 0, start
-        bar = progress(fc.iterations, f"finetune {fc.advantage}x{fc.update}", cfg.run.progress, unit="round")
-        bar.set_postfix(success=f"{start['success_at_end']['mean']:.2f}")
-        for it in range(1, fc.iterations + 1):
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, learner.modules(), optimizers=learner.optimizers(),
+                                    generators=learner.generators())
+            learner.load_extra_state(state)
+            env_steps, it0 = int(state["env_steps"]), int(state["iteration"])
+            rng.bit_generator.state = state["rng"]
+            if hasattr(estimator, "rerollout_steps"):
+                estimator.rerollout_steps = int(state["rerollout_steps"])
+            if learner.replay is not None:
+                learner.replay.load_state_dict({"rows": load_state_tensors(resume_from, "replay"),
+                                                "added": state["replay_added"]})
+            start, last = state["start_eval"], state["last_eval"]
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+            logger.truncate_after(env_steps)
+            log(f"[offrl] resuming {run_dir} from round {it0} ({env_steps} env steps)")
+        else:
+            run_dir = create_run_dir(cfg, exist_ok=exist_ok)
+            created = not exist_ok
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+            env_steps, it0 = 0, 0
+            what = "sac" if fc.update == "sac" else f"{fc.advantage} x {fc.update}"
+            log(f"[offrl] finetune {what} ({'replay' if fc.replay else 'on-policy'}) from "
+                f"{start_ckpt}: {len(pool)} SimHosts x {pool.spec['num_envs']} envs, {fc.iterations} rounds x "
+                f"{T * N} env steps" + (f", success bonus {bonus:.3g}" if bonus else ""))
+            start = do_eval()
+            last = start
+            logger.log(0, eval_metrics(start))
+            saved0 = checkpoint(0, start, last)
+            if reporter is not None:
+                reporter(0, eval_metrics(start), saved0)
+            log(f"[offrl] start: success {start['success_at_end']['mean']:.2f} on {fc.eval_episodes} eval episodes")
+        bar = progress(fc.iterations, f"finetune {fc.advantage}x{fc.update}", cfg.run.progress, unit="round",
+                       initial=it0)
+        bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
+        names = {"policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "approx_kl": M.APPROX_KL,
+                 "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
+                 "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "offline_frac": M.OFFLINE_FRACTION,
+                 "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN}
+        for it in range(it0 + 1, fc.iterations + 1):
             t0 = time.perf_counter()
             spec = actor_spec(actor, arch, deterministic=False)
-            results = pool.rollout(spec, T, reset_seed=cfg.seed if it == 1 else None,
-                                   record_states=fc.advantage == "mc")
+            reset_seed, policy_seed = _round_seeds(cfg.seed, it, fc.eval_every)
+            results = pool.rollout(spec, T, reset_seed=reset_seed, record_states=estimator.record_states,
+                                   policy_seed=policy_seed)
             t_roll = time.perf_counter() - t0
             data = concat_rollouts(results)
             data["rewards"] = add_success_bonus(data["rewards"], data["terminated"], data["success"], bonus)
             env_steps += T * N
             row: dict[str, float] = {M.ENV_SPS: T * N / t_roll, M.ENV_STEPS: env_steps}
-            batch = {"obs": _flat(data["obs"]), "actions": _flat(data["actions"]),
-                     "raw_actions": _flat(data["raw_actions"]), "logprob": _flat(data["logprob"]),
-                     "rewards": _flat(data["rewards"]), "next_obs": _flat(data["next_obs"]),
-                     "terminated": _flat(data["terminated"])}
-            if fc.advantage == "gae":
-                tens = {k: torch.from_numpy(data[k]) for k in ("obs", "next_obs", "rewards", "terminated", "truncated")}
-                adv, ret = learner.gae_advantages(tens)
-                batch["adv"], batch["returns"] = adv.reshape(-1), ret.reshape(-1)
-            elif fc.advantage in ("iql", "sarsa"):
-                batch["adv"] = learner.critic_advantages(batch["obs"], batch["actions"])
+            batch = {k: _flat(data[k]) for k in ("obs", "actions", "raw_actions", "logprob", "rewards", "next_obs",
+                                                 "terminated")}
+            batch, extra = estimator.advantages(learner, Round(it, spec, results, data, batch))
+            row.update(extra)
+            # GAE's value net and SAC's fresh Q ensemble learn alone for the first value_warmup_iters rounds
+            train_actor = not ((fc.advantage == "gae" or fc.update == "sac") and it <= fc.value_warmup_iters)
+            if fc.replay:
+                learner.replay.add(batch)
+                m = learner.update_replay(train_actor=train_actor)
+                row.update({M.ADVANTAGE_SAMPLES: float(fc.updates_per_round * fc.batch_size),
+                            M.REPLAY_SIZE: float(len(learner.replay))})
+                if "adv_mean" in m:
+                    row.update({M.ADVANTAGE_MEAN: m.pop("adv_mean"), M.ADVANTAGE_STD: m.pop("adv_std"),
+                                M.POS_RATIO: m.pop("pos_ratio")})
             else:
-                idx, adv, st = mc_advantages(pool, results, data, _rerollout_spec(cfg, spec), cfg, rng,
-                                             seed=cfg.seed * 100_003 + it, success_bonus=bonus)
-                batch = {k: v[torch.from_numpy(idx)] for k, v in batch.items()}
-                batch["adv"] = torch.from_numpy(adv)
-                rr_steps += st["steps"]
-                row.update({M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: rr_steps,
-                            M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"]})
-            a = batch["adv"]
-            row.update({M.ADVANTAGE_MEAN: float(a.mean()), M.ADVANTAGE_STD: float(a.std()) if a.numel() > 1 else 0.0,
-                        M.POS_RATIO: float((a > 0).float().mean()), M.ADVANTAGE_SAMPLES: float(a.numel())})
-            train_actor = not (fc.advantage == "gae" and it <= fc.value_warmup_iters)
-            m = learner.update(batch, train_actor=train_actor)
+                a = batch["adv"]
+                row.update({M.ADVANTAGE_MEAN: float(a.mean()), M.ADVANTAGE_STD: float(a.std()) if a.numel() > 1 else 0.0,
+                            M.POS_RATIO: float((a > 0).float().mean()), M.ADVANTAGE_SAMPLES: float(a.numel())})
+                m = learner.update(batch, train_actor=train_actor)
             learner.iteration = it
-            names = {"policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "approx_kl": M.APPROX_KL,
-                     "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
-                     "epochs": M.UPDATE_EPOCHS}
             row.update({names[k]: v for k, v in m.items() if k in names})
             s = summarize_episodes(data["episodes"])
             if s:
@@ -231,16 +285,17 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             if it % fc.eval_every == 0 or it == fc.iterations:
                 last = do_eval()
                 row.update(eval_metrics(last))
-                checkpoint(env_steps)
-                saved = run_dir / "checkpoints" / str(env_steps)
                 bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
             logger.log(env_steps, row)
+            if it % fc.eval_every == 0 or it == fc.iterations:
+                saved = checkpoint(env_steps, start, last)  # after the row: a resume never loses it
             if reporter is not None:
                 reporter(env_steps, row, saved)
             bar.update(1)
         bar.close()
         logger.close()
-        summary = {"advantage": fc.advantage, "update": fc.update, "env_steps": env_steps,
+        rr_steps = getattr(estimator, "rerollout_steps", 0)
+        summary = {"advantage": fc.advantage, "update": fc.update, "replay": fc.replay, "env_steps": env_steps,
                    "rerollout_steps": rr_steps, "start_checkpoint": str(start_ckpt),
                    "success_before": start["success_at_end"]["mean"], "success_after": last["success_at_end"]["mean"],
                    "success_before_ci95": start["success_at_end"]["ci95"],
@@ -253,8 +308,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         log(f"[offrl] run directory: {run_dir}")
         return run_dir
     except BaseException:
-        if run_dir is not None and not exist_ok and not any((run_dir / "checkpoints").glob("[0-9]*")):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created and not any((run_dir / "checkpoints").glob("[0-9]*")):
+            discard_run_dir(run_dir)
         raise
     finally:
         pool.shutdown()

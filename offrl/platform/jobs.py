@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,11 @@ def actor_arch(cfg: Any, spec: dict) -> dict:
                 action_high=np.asarray(spec["action_high"]).tolist())
 
 
-def progress(total: int, desc: str, enabled: bool = True, unit: str = "it"):
+def progress(total: int, desc: str, enabled: bool = True, unit: str = "it", initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True,
+                initial=initial)
 
 
 def run_rollout_job(cfg: Any, log: Any = print) -> Path:
@@ -37,14 +37,16 @@ def run_rollout_job(cfg: Any, log: Any = print) -> Path:
     import torch
 
     from offrl.algos.networks import GaussianActor, numpy_state_dict
+    from offrl.envs.maniskill import probe_env
     from offrl.platform.checkpoint import save_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.logger import MetricLogger
-    from offrl.platform.rundir import create_run_dir
+    from offrl.platform.rundir import create_run_dir, discard_run_dir
     from offrl.platform.rollout import summarize_episodes
     from offrl.platform.simhost import SimHostPool
 
     torch.manual_seed(cfg.seed)
+    probe_env(cfg.env)  # a bad task or controller is one line before Ray starts
     resources = init_ray(cfg.cluster)
     log(f"[offrl] Ray cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
     t0 = time.time()
@@ -98,7 +100,7 @@ def run_rollout_job(cfg: Any, log: Any = print) -> Path:
     except BaseException:
         # never leave a half-written run directory behind
         if run_dir is not None and not (run_dir / "rollout_summary.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+            discard_run_dir(run_dir)
         raise
     finally:
         pool.shutdown()

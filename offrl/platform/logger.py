@@ -9,6 +9,47 @@ from pathlib import Path
 from typing import Mapping
 
 from offrl import metrics as M
+from offrl.errors import OffrlError
+
+
+def read_metrics_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a ``metrics.csv``, each row ``{column: cell}`` with empty cells kept as ``""``
+    (a metric not logged at that step, which is normal).
+
+    Refuses what :class:`MetricLogger` never writes, naming ``file:line``: a header without ``step``, a
+    row with more or fewer cells than the header, a cell that is not a number (``nan`` and ``inf`` are
+    numbers), a row without a step. An empty file has no rows.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return ["step"], []
+            if "step" not in header:
+                raise OffrlError(f"{path}:1: the header has no 'step' column")
+            if len(set(header)) != len(header):
+                dup = next(c for c in header if header.count(c) > 1)
+                raise OffrlError(f"{path}:1: the header names column {dup!r} twice")
+            rows = []
+            for cells in reader:
+                line = reader.line_num
+                if len(cells) != len(header):
+                    raise OffrlError(f"{path}:{line}: {len(cells)} cells but the header has {len(header)} columns")
+                for col, cell in zip(header, cells):
+                    if cell.strip():
+                        try:
+                            float(cell)
+                        except ValueError:
+                            raise OffrlError(f"{path}:{line}: column {col!r} holds {cell!r}, not a number") from None
+                row = dict(zip(header, cells))
+                if not row["step"].strip():
+                    raise OffrlError(f"{path}:{line}: the row has no step")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise OffrlError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return header, rows
 
 
 class MetricLogger:
@@ -24,10 +65,7 @@ class MetricLogger:
         self.columns: list[str] = ["step"]
         self.rows: list[dict] = []
         if self.csv_path.exists():  # resuming: keep what was logged
-            with open(self.csv_path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or ["step"])
-                self.rows = [dict(r) for r in reader]
+            self.columns, self.rows = read_metrics_csv(self.csv_path)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -131,34 +130,55 @@ def _load_dataset(cfg: Any):
     return ds
 
 
-def _resolve_env(cfg: Any, ds: Any, log: Any) -> Any:
-    """Evaluate in the dataset's task and controller: they define what the actions mean."""
-    changes = {}
-    if ds.env_id and ds.env_id != cfg.env.id:
-        changes["env.id"] = ds.env_id
-    if ds.control_mode and ds.control_mode != cfg.env.control_mode:
-        changes["env.control_mode"] = ds.control_mode
+def follow_source(cfg: Any, values: dict, source: str, explicit: Collection[str] = (), log: Any = print) -> Any:
+    """``cfg`` with the keys in ``values`` (dotted, e.g. ``env.id``) taken from ``source`` (a dataset or
+    checkpoint whose actions only mean something in its own task and controller), with one note line.
+
+    A key in ``explicit`` (given on the command line) that ``source`` contradicts is refused instead of
+    silently replaced: the user asked for something this run cannot do.
+    """
+    kind = source.split(" ", 1)[0]
+    changes = {k: v for k, v in values.items() if v and v != _get(cfg, k)}
+    for k, v in changes.items():
+        if any(k == e or k.startswith(e + ".") for e in explicit):  # env.id=... or env={id: ...}
+            raise OffrlError(f"{k}={_get(cfg, k)} is set on the command line but {source} holds {k}={v} (its "
+                             f"actions mean nothing elsewhere); drop the override or give a matching {kind}")
     if changes:
-        log(f"[offrl] using the dataset's {', '.join(f'{k}={v}' for k, v in changes.items())}")
+        log(f"[offrl] using the {kind}'s {', '.join(f'{k}={v}' for k, v in changes.items())}")
         cfg = replace(cfg, **changes)
     return cfg
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _resolve_env(cfg: Any, ds: Any, log: Any, explicit: Collection[str] = ()) -> Any:
+    """Evaluate in the dataset's task and controller: they define what the actions mean."""
+    return follow_source(cfg, {"env.id": ds.env_id, "env.control_mode": ds.control_mode},
+                         f"dataset {ds.name}", explicit, log)
 
 
 def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str] = None,
                      init_parts: Optional[Sequence[str]] = None, log: Any = print,
                      reporter: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
-                     exist_ok: bool = False) -> Path:
+                     exist_ok: bool = False, explicit: Collection[str] = ()) -> Path:
     """Train offline on ``cfg.pretrain.dataset``; evaluate in simulation; write a run directory.
 
     ``reporter(step, metrics, checkpoint_dir_or_None)`` is called after every logged row (Ray Tune
     trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
+    ``explicit``: config keys given on the command line (an ``env.id`` the dataset contradicts is refused).
+    A run that fails before its first checkpoint leaves no run directory behind.
     """
     from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
     from offrl.platform.jobs import progress
     from offrl.platform.logger import MetricLogger
-    from offrl.platform.rundir import create_run_dir
+    from offrl.envs.maniskill import probe_env
+    from offrl.platform.rundir import create_run_dir, discard_run_dir
     from offrl.platform.simhost import SimHostPool
 
     pc = cfg.pretrain
@@ -167,7 +187,7 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         raise OffrlError(f"policy.kind={cfg.policy.kind} trains with pretrain.algo=bc only (got {pc.algo}); "
                          "critics pair with the Gaussian policy.kind=mlp")
     ds = _load_dataset(cfg)
-    cfg = _resolve_env(cfg, ds, log)
+    cfg = _resolve_env(cfg, ds, log, explicit)
     reward = _reward_name(cfg) if pc.critic_mode else None  # behaviour cloning reads no reward
     if pc.val_fraction > 0 and len(ds) >= 2:
         train, val = ds.split(pc.val_fraction, seed=cfg.seed)
@@ -195,17 +215,17 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         if latest_checkpoint(ckpt_root) is None:
             raise OffrlError(f"--resume: no checkpoint in {ckpt_root}")
 
+    needs_sim = pc.trains_actor
+    if needs_sim:  # the task is checked in this process before Ray starts (one line, no actor traceback)
+        _check_sizes(probe_env(cfg.env), ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
     pool = None
     created = False
     try:
-        needs_sim = pc.trains_actor
         if needs_sim:
             init_ray(cfg.cluster)
             pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
             low, high = pool.spec["action_low"], pool.spec["action_high"]
-            if pool.spec["obs_dim"] != ds.obs_dim or pool.spec["act_dim"] != ds.act_dim:
-                raise OffrlError(f"{ds.name}: obs/action sizes {ds.obs_dim}/{ds.act_dim} do not match "
-                                 f"{cfg.env.id} with {cfg.env.control_mode} ({pool.spec['obs_dim']}/{pool.spec['act_dim']})")
+            _check_sizes(pool.spec, ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
         else:
             low, high = [-1.0] * ds.act_dim, [1.0] * ds.act_dim
         bs = min(pc.batch_size, n)
@@ -310,11 +330,18 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         return run_dir
     except BaseException as e:
         if created and not resume and not isinstance(e, KeyboardInterrupt) and not any(ckpt_root.glob("[0-9]*")):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-written run
+            discard_run_dir(run_dir)  # nothing worth keeping: leave no half-written run
         raise
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def _check_sizes(spec: Optional[dict], obs_dim: int, act_dim: int, what: str, cfg: Any) -> None:
+    """Raise OffrlError when the env's obs/action sizes (``spec`` from the sim) are not the expected ones."""
+    if spec is not None and (spec["obs_dim"] != obs_dim or spec["act_dim"] != act_dim):
+        raise OffrlError(f"{what} {obs_dim}/{act_dim} do not match {cfg.env.id} with {cfg.env.control_mode} "
+                         f"and obs_mode {cfg.env.obs_mode} ({spec['obs_dim']}/{spec['act_dim']})")
 
 
 def sequence_tensors(ds: Any, policy_cfg: Any) -> dict[str, torch.Tensor]:
@@ -344,22 +371,27 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     """Evaluate a checkpoint's actor on SimHost actors with fixed seeds; write eval.json."""
     from offrl.algos.networks import build_actor
     from offrl.config import apply_overrides
-    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
+    from offrl.envs.maniskill import probe_env
+    from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.evaluate import evaluate, write_eval_json
     from offrl.platform.simhost import SimHostPool
 
-    ckpt = resolve_checkpoint(checkpoint)
-    state = json.loads((ckpt / "training_state" / "state.json").read_text())
-    arch = state.get("actor_arch")
+    if episodes is not None and episodes < 1:
+        raise OffrlError(f"--episodes must be >= 1, got {episodes}")
+    ckpt = resolve_checkpoint(checkpoint)  # complete and readable, or one line
+    arch = checkpoint_json(ckpt, "training_state/state.json").get("actor_arch")
     if not arch:
         raise OffrlError(f"checkpoint {ckpt} has no actor to evaluate")
-    saved_cfg = json.loads((ckpt / "config.json").read_text())
-    cfg = from_dict(apply_overrides(saved_cfg, list(overrides)))
-    episodes = episodes or cfg.eval.episodes
+    cfg = from_dict(apply_overrides(checkpoint_json(ckpt, "config.json"), list(overrides)))
+    episodes = cfg.eval.episodes if episodes is None else episodes
     seed = cfg.eval.seed if seed is None else seed
     actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
+    # the env is built once here, before Ray starts: a bad control mode or a checkpoint made for another
+    # observation size is one line, not a SimHost traceback
+    _check_sizes(probe_env(cfg.env), arch["obs_dim"], arch["act_dim"], f"checkpoint {ckpt} expects obs/action sizes",
+                 cfg)
     log(f"[offrl] protocol: {eval_protocol(cfg)}; success_once is the headline metric")
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)

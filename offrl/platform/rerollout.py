@@ -2,8 +2,9 @@
 
 A job is a saved single-env state ``s`` (from a rollout's ``states``) and, for Q, an action ``a``.
 A host restores up to ``num_envs`` jobs at once into its envs, takes ``a`` (Q) or a policy action (V),
-then follows the re-rollout policy until the episode ends or ``horizon`` steps have passed, and returns
-the discounted return of each of the ``M`` samples. Sampling noise differs between samples. The host's
+then follows the re-rollout policy until the episode ends or ``horizon`` steps have passed (``horizon=None``:
+until the episode ends, by success or by its time limit), and returns the discounted return of each of the
+``M`` samples. Sampling noise differs between samples. The host's
 own rollout state (sim state, current observation, episode tracker) is saved before and restored after,
 so re-rollouts never disturb the main rollout.
 """
@@ -34,8 +35,12 @@ def index_state(state: dict, idx: Any) -> dict:
 
 
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
-                     horizon: int, gamma: float, success_bonus: float = 0.0) -> tuple[np.ndarray, int]:
+                     horizon: Optional[int], gamma: float, success_bonus: float = 0.0) -> tuple[np.ndarray, int]:
     """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
+
+    ``horizon=None`` follows every re-rollout to the end of its episode: the restored ``elapsed_steps``
+    make the sim's time limit cut it after the remaining ``max_episode_steps - elapsed`` steps, so the
+    return is the full-horizon one (no neglected tail).
 
     ``actions [B, a]``: the first action of every re-rollout (Q(s, a)); None: the policy picks it (V(s)).
     Returns (returns, env steps taken). ``sim`` must be an auto-resetting BatchedSim; steps after an
@@ -62,7 +67,8 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
         ret = np.zeros(K, np.float64)
         disc = np.ones(K, np.float64)
         cur = full_obs if full_obs is not None else obs
-        for t in range(horizon):
+        limit = int(sim.max_episode_steps) if horizon is None else int(horizon)
+        for t in range(limit):
             act, _ = policy(cur, sim)
             if t == 0 and actions is not None:
                 act = act.copy()
@@ -81,7 +87,7 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
 
 
 def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                      horizon: int, gamma: float, seed: int, success_bonus: float = 0.0) -> dict:
+                      horizon: Optional[int], gamma: float, seed: int, success_bonus: float = 0.0) -> dict:
     """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
     from offrl.platform.rollout import build_policy
 
@@ -97,7 +103,7 @@ def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optio
 
 
 def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                   horizon: int, gamma: float, seed: int = 0, success_bonus: float = 0.0) -> dict:
+                   horizon: Optional[int], gamma: float, seed: int = 0, success_bonus: float = 0.0) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
     total env steps and wall seconds."""
     B = len(states["elapsed_steps"])

@@ -70,3 +70,15 @@ def create_run_dir(cfg: Any, *, exist_ok: bool = False, command: str | None = No
     (path / "meta.json").write_text(json.dumps(meta_dict(command), indent=2))
     return path
 
+
+def discard_run_dir(run_dir: str | Path) -> None:
+    """Remove a run directory that holds nothing worth keeping (a run that failed before its first
+    checkpoint), and its experiment folder when that is left empty: a failed run leaves no trace."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # only succeeds when empty: other trials of the experiment stay
+    except OSError:
+        pass

@@ -137,9 +137,9 @@ class SimHostPool:
 
         if not ray.is_initialized():
             raise RuntimeError("call offrl.platform.cluster.init_ray() first")
-        from offrl.envs.maniskill import check_env_id
+        from offrl.envs.maniskill import probe_env
 
-        check_env_id(env_cfg.id)  # fail fast in the driver, before any actor starts
+        probe_env(env_cfg)  # fail fast in the driver (one line, no actor traceback), before any actor starts
         self.env_cfg, self.cluster_cfg = env_cfg, cluster_cfg
         gpu = env_cfg.backend == "gpu"
         cpus = float(cluster_cfg.cpus_per_host)
@@ -191,14 +191,21 @@ class SimHostPool:
             raise
 
     def rollout(self, policy_spec: dict, num_steps: int, reset_seed: Optional[int] = None,
-                record_states: bool = False) -> list[dict]:
-        """Every host runs ``num_steps`` steps; the policy spec is put in the object store once."""
+                record_states: bool = False, policy_seed: Optional[int] = None) -> list[dict]:
+        """Every host runs ``num_steps`` steps; the policy spec is put in the object store once.
+
+        ``reset_seed`` / ``policy_seed``: host ``i`` resets its envs with ``reset_seed + 1_000_003 i`` and
+        samples actions with ``policy_seed + 1_000_003 i`` (None: no reset / the host's own call counter),
+        so a round can be replayed exactly by fresh actors (finetuning's resume)."""
         import ray
 
         ref = ray.put(policy_spec)
-        seeds = [None if reset_seed is None else reset_seed + 1_000_003 * i for i in range(len(self.hosts))]
-        return self._get([h.rollout.remote(ref, num_steps, s, record_states)
-                          for h, s in zip(self.hosts, seeds)])
+
+        def per_host(base: Optional[int]) -> list[Optional[int]]:
+            return [None if base is None else base + 1_000_003 * i for i in range(len(self.hosts))]
+
+        return self._get([h.rollout.remote(ref, num_steps, s, record_states, p)
+                          for h, s, p in zip(self.hosts, per_host(reset_seed), per_host(policy_seed))])
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` on every host with the same arguments."""

@@ -304,11 +304,8 @@ def _check_axes(base: dict, axes: dict[str, tuple[str, list]], spec: SweepSpec) 
             raise ConfigError("sweep.axes", f"the combination {shown} is invalid: {e}") from None
 
 
-def _check_inputs(sweep: Sweep) -> None:
-    """Fail before any trial starts when the dataset or checkpoint a trial needs is missing."""
-    from offrl.platform.checkpoint import resolve_checkpoint
-
-    key = "pretrain.dataset" if sweep.spec.job == "pretrain" else "finetune.checkpoint"
+def _input_values(sweep: Sweep, key: str) -> set:
+    """Every value ``key`` takes in the sweep's trials (the base value, or an axis over it or its section)."""
     section, name = key.split(".")
     values = {sweep.base.get(section, {}).get(name)}
     for k, (kind, args) in sweep.axes.items():
@@ -316,14 +313,30 @@ def _check_inputs(sweep: Sweep) -> None:
             values = set(args)
         elif k == section and kind in ("grid_search", "choice"):
             values |= {a.get(name) for a in args if isinstance(a, dict) and a.get(name)}
-    for v in sorted(str(x) for x in values if x is not None):
-        if key == "finetune.checkpoint":
+    return values
+
+
+def _check_inputs(sweep: Sweep) -> None:
+    """Fail before Ray starts (and before the experiment dir exists) when a dataset or checkpoint a trial
+    needs is missing, incomplete or unreadable."""
+    from offrl.platform.checkpoint import resolve_checkpoint
+
+    if sweep.spec.job == "pretrain":
+        for v in sorted(str(x) for x in _input_values(sweep, "pretrain.dataset") if x is not None):
+            if not Path(v).is_file():
+                raise OffrlError(f"pretrain.dataset not found: {v}")
+        return
+    for key in ("finetune.checkpoint", "finetune.rerollout_checkpoint"):
+        for v in sorted(str(x) for x in _input_values(sweep, key) if x is not None):
             if not v:
-                raise ConfigError(key, "is empty: a finetune sweep starts from a pretrained checkpoint "
-                                       "(e.g. finetune.checkpoint=runs/finetune_start/bc_iql_100demos)")
-            resolve_checkpoint(v)
-        elif not Path(v).is_file():
-            raise OffrlError(f"pretrain.dataset not found: {v}")
+                if key == "finetune.checkpoint":
+                    raise ConfigError(key, "is empty: a finetune sweep starts from a pretrained checkpoint "
+                                           "(e.g. finetune.checkpoint=runs/finetune_start/bc_iql_100demos)")
+                continue  # no fixed re-rollout policy
+            try:
+                resolve_checkpoint(v)  # found, complete, safetensors header and JSON files readable
+            except OffrlError as e:
+                raise OffrlError(f"{key}: {e}") from None
 
 
 def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, log: Any = _print) -> Sweep:
@@ -586,17 +599,16 @@ def resume_sweep(exp_dir: str | Path, log: Any = _print) -> int:
 
 
 def _final(run_dir: Path, metric: str) -> tuple[Optional[int], Optional[float]]:
-    """(step, value) of the last logged value of ``metric`` in a run directory's metrics.csv."""
-    import csv
+    """(step, value) of the last logged value of ``metric`` in a run directory's metrics.csv (none yet:
+    (None, None)); a malformed metrics.csv is an OffrlError naming file:line."""
+    from offrl.platform.logger import read_metrics_csv
 
     last: tuple[Optional[int], Optional[float]] = (None, None)
-    try:
-        with open(run_dir / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get(metric) not in (None, ""):
-                    last = (int(float(row["step"])), float(row[metric]))
-    except (OSError, ValueError):
-        pass
+    if not (run_dir / "metrics.csv").is_file():
+        return last
+    for row in read_metrics_csv(run_dir / "metrics.csv")[1]:
+        if row.get(metric, "").strip():
+            last = (int(float(row["step"])), float(row[metric]))
     return last
 
 
@@ -606,7 +618,11 @@ def _finish(sweep: Sweep, exp_dir: Path, results: Any, log: Any) -> int:
     values = []
     for r in sorted(results, key=lambda r: Path(r.path).name):
         run_dir = Path(r.path)
-        step, value = _final(run_dir, sweep.spec.metric)
+        try:
+            step, value = _final(run_dir, sweep.spec.metric)
+        except OffrlError as e:  # one unreadable trial must not hide the others' results
+            log(f"[offrl] warning: {e}")
+            step, value = None, None
         done = any((run_dir / f).exists() for f in DONE_FILES.values())
         status = "failed" if r.error is not None else ("finished" if done else "unfinished")
         if r.error is not None:

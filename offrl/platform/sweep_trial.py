@@ -7,10 +7,10 @@ driver died), what its folder holds decides what happens:
 * the job finished there (``pretrain_done.json`` / ``finetune_summary.json``): nothing is recomputed;
   the metric rows after Tune's last checkpoint (those a killed driver may not have recorded) are
   reported again from ``metrics.csv``;
-* a pretraining trial with a Tune checkpoint continues exactly from it (optimizer, step and RNG
-  states: ``offrl pretrain --resume``);
-* otherwise (finetuning, which has no mid-run resume, or no checkpoint yet) the job starts again from
-  scratch after the offrl files of the interrupted attempt are removed.
+* a trial with a Tune checkpoint continues exactly from it (networks, optimizers, step and RNG states,
+  and finetuning's replay buffer: ``offrl pretrain --resume`` / ``offrl finetune --resume``);
+* otherwise (no checkpoint yet) the job starts again from scratch after the offrl files of the
+  interrupted attempt are removed.
 
 Tune's ``result.json`` and ``progress.csv`` keep one row per ``step``: a report whose step is not after
 the last logged one replaces the rows it supersedes (:class:`JsonResultLog`, :class:`ProgressCsvLog`),
@@ -70,7 +70,7 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
     ckpt_step = _checkpoint_step(ckpt_dir)
     if (run_dir / DONE_FILES[job]).exists():
         mode = "replay"
-    elif job == "pretrain" and ckpt_step is not None:
+    elif ckpt_step is not None:
         mode = "resume"
     else:
         mode = "fresh"
@@ -82,8 +82,10 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
     if mode == "resume":
         from offrl.platform.pretrain import run_pretrain_job
 
+        from offrl.platform.finetune import run_finetune_job
+
         _rewind_checkpoints(run_dir / "checkpoints", ckpt_step, ckpt_dir)
-        run_pretrain_job(cfg, resume=True, log=log, reporter=report)
+        (run_pretrain_job if job == "pretrain" else run_finetune_job)(cfg, resume=True, log=log, reporter=report)
         return
     clear_run_dir(run_dir)
     if job == "pretrain":
@@ -156,8 +158,9 @@ def replay_metrics(run_dir: Path, after: Optional[int], report: Callable[[int, d
 
     The last row carries the run's final checkpoint when there is one. Returns the rows reported.
     """
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    from offrl.platform.logger import read_metrics_csv
+
+    _, rows = read_metrics_csv(run_dir / "metrics.csv")  # a malformed row is an OffrlError naming file:line
     todo = []
     for r in rows:
         step = int(float(r.pop(STEP)))

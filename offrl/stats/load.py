@@ -165,17 +165,24 @@ def _read_config(src: RunSource) -> dict[str, Any]:
 def _read_metrics(src: RunSource) -> pd.DataFrame:
     """The run's metrics: column ``step`` plus one column per metric, one row per step."""
     path = src.path / ("metrics.csv" if src.kind == "offrl" else "progress.csv")
-    try:
-        raw = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame({STEP: []})
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise OffrlError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     if src.kind == "offrl":
-        if STEP not in raw.columns:
-            raise OffrlError(f"{path} has no 'step' column")
-        step_col, metric_cols = STEP, [c for c in raw.columns if c != STEP]
+        from offrl.platform.logger import read_metrics_csv
+
+        # strict: a ragged row or a non-numeric cell is an OffrlError naming file:line, never NaN or a
+        # shifted data point; empty cells (metrics not logged at that step) stay NaN
+        columns, rows = read_metrics_csv(path)
+        if not rows:
+            return pd.DataFrame({STEP: []})
+        raw = pd.DataFrame([[float(r[c]) if r[c].strip() else np.nan for c in columns] for r in rows],
+                           columns=columns)
+        step_col, metric_cols = STEP, [c for c in columns if c != STEP]
     else:
+        try:
+            raw = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame({STEP: []})
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise OffrlError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
         step_col = STEP if STEP in raw.columns else "training_iteration"
         if step_col not in raw.columns:
             raise OffrlError(f"{path} has neither a 'step' nor a 'training_iteration' column")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from offrl.config import load_config
 from offrl.errors import OffrlError
@@ -27,7 +28,7 @@ def _cfg(tmp_path, ckpt, adv, upd, *extra):
     return load_config(None, [f"finetune.checkpoint={ckpt}", f"finetune.advantage={adv}", f"finetune.update={upd}",
                               f"run.root={tmp_path}", f"run.experiment={adv}_{upd}", "run.progress=false",
                               "run.tensorboard=false", "finetune.iterations=2", "finetune.steps_per_iter=8",
-                              "finetune.eval_every=2", "finetune.eval_episodes=2", "finetune.mc_samples=1",
+                              "finetune.eval_every=2", "finetune.eval_episodes=2", "finetune.mc_samples=2",
                               "finetune.mc_horizon=4", "finetune.mc_fraction=0.25", "finetune.value_warmup_iters=1",
                               "env.num_envs=2", "cluster.num_hosts=2", *extra])
 
@@ -70,8 +71,112 @@ def test_iql_needs_critics(tmp_path, expert_dataset, ray_cluster):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, bc_iql_checkpoint, ray_cluster):
     # unclipped exp(A / beta) with a tiny temperature overflows to inf within the first update
     cfg = _cfg(tmp_path, bc_iql_checkpoint, "iql", "awr", "finetune.normalize_advantage=false",
-               "finetune.beta=1e-9", "finetune.max_weight=.inf", "finetune.iterations=3")
+               "finetune.beta=1e-9", "finetune.max_weight=3e38", "finetune.iterations=3")  # ~ float32 max
     with pytest.raises(OffrlError, match="loss became"):
         run_finetune_job(cfg, log=lambda *a: None)
     runs = list((tmp_path / "iql_awr").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "0" / "model.safetensors").exists()
+
+
+PATHS = [("iql", "awr", ["finetune.replay=true"]),
+         ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1"]),
+         ("gae", "ppo", ["finetune.bc_coef=0.5"]),
+         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1"])]
+
+
+@pytest.mark.parametrize("adv, upd, extra", PATHS, ids=[f"{a}-{u}-{'replay' if 'finetune.replay=true' in e else 'bc'}"
+                                                        for a, u, e in PATHS])
+def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
+    """The off-policy path (replay + offline mix, critics trained on it) and the DAPG term on the on-policy path."""
+    run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "finetune.updates_per_round=5",
+                                "finetune.batch_size=32", *extra), log=lambda *a: None)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["0", "32", "64"]
+    last = rows[-1]
+    if "finetune.replay=true" in extra:
+        assert [float(r["charts/replay_size"]) for r in rows[1:]] == [32, 64]
+        assert float(last["charts/offline_fraction"]) == 0.5 and last["losses/policy_loss"] != ""
+        assert float(last["charts/grad_steps"]) == 5 and last["losses/critic_loss"] != ""
+        assert float(last["charts/advantage_samples"]) == 5 * 32
+    if upd == "sac":
+        assert rows[1]["charts/sac_alpha"] == ""  # round 1: the fresh Q ensemble learns alone
+        assert float(last["charts/sac_alpha"]) > 0 and last["charts/q_mean"] != ""
+    if any(e.startswith("finetune.bc_coef") for e in extra):
+        assert np.isfinite(float(last["losses/bc_loss"]))
+    assert json.loads((run / "finetune_summary.json").read_text())["replay"] == ("finetune.replay=true" in extra)
+
+
+def _comparable(run):
+    """metrics.csv rows without the wall-clock columns."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") or k in ("time/env_steps", "time/rerollout_steps")}
+            for r in csv.DictReader(open(run / "metrics.csv"))]
+
+
+def _same_weights(a, b):
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32"]),
+           ("mc", "ppo", ["finetune.bc_coef=0.2"])]
+
+
+@pytest.mark.parametrize("adv, upd, extra", RESUMED, ids=["iql-push_away-replay", "mc-ppo-bc"])
+def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
+    """A run cut after round 2 and resumed to round 4 logs the same metrics and ends with the same weights as
+    a run that went straight to round 4 (networks, optimizers, RNGs, re-rollout counter, replay buffer)."""
+    straight = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=straight",
+                                     "finetune.iterations=4", *extra), log=lambda *a: None)
+    run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=cut", *extra), log=lambda *a: None)
+    cut = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=cut", "finetune.iterations=4",
+                                *extra), log=lambda *a: None, resume=True)
+    ra, rb = _comparable(straight), _comparable(cut)
+    assert [r["step"] for r in rb] == ["0", "32", "64", "96", "128"]
+    assert ra == rb
+    _same_weights(straight / "checkpoints" / "128", cut / "checkpoints" / "128")
+    assert json.loads((straight / "finetune_summary.json").read_text()) == \
+        json.loads((cut / "finetune_summary.json").read_text())
+    with pytest.raises(OffrlError, match="needs run.trial"):
+        run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, *extra), log=lambda *a: None, resume=True)
+
+
+def test_finetune_killed_with_sigkill_then_resumed(tmp_path, bc_iql_checkpoint, process_sessions, ray_cluster):
+    """`offrl finetune` (driver and its local Ray cluster) is SIGKILLed after its round-2 checkpoint;
+    `offrl finetune --resume` finishes the run with the metrics and weights of an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    yaml_path = str(ROOT / "tune_configs" / "finetune.yaml")
+    over = [f"finetune.checkpoint={bc_iql_checkpoint}", "finetune.advantage=gae", "finetune.update=ppo",
+            "finetune.bc_coef=0.2", f"run.root={tmp_path}", "run.experiment=k", "run.progress=false",
+            "run.tensorboard=false", "finetune.iterations=6", "finetune.steps_per_iter=8", "finetune.eval_every=2",
+            "finetune.eval_episodes=2", "finetune.value_warmup_iters=1", "env.num_envs=2", "cluster.num_hosts=2"]
+    straight = run_finetune_job(load_config(yaml_path, over + ["run.trial=straight"]), log=lambda *a: None)
+    env = {**os.environ, "RAY_TMPDIR": process_sessions.temp_dir()}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "offrl", "finetune", yaml_path, *over, "run.trial=killed", "cluster.num_cpus=2"]
+    log = open(tmp_path / "driver.log", "w")
+    driver = process_sessions.popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    killed = tmp_path / "k" / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None and not (killed / "checkpoints" / "64").exists():
+        time.sleep(0.05)
+    assert driver.poll() is None and (killed / "checkpoints" / "64").exists(), \
+        (tmp_path / "driver.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    process_sessions.kill()
+    assert not (killed / "finetune_summary.json").exists()
+    out = process_sessions.run(cmd + ["--resume"], cwd=str(ROOT), env=env, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert _comparable(killed) == _comparable(straight)
+    _same_weights(straight / "checkpoints" / "192", killed / "checkpoints" / "192")

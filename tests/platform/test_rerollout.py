@@ -82,6 +82,24 @@ def test_mc_estimator_matches_known_q_and_v():
     np.testing.assert_allclose(v2[:, 0], np.where(d <= 2, g ** (d - 1), 0.0))
 
 
+def test_full_horizon_default_runs_to_the_time_limit():
+    """horizon=None: each re-rollout runs the remaining ``M - elapsed`` steps of its episode. From x with
+    d = L - x steps to go and e steps already taken, V = g^(d-1) when d <= M - e, else 0 (cut by the limit)."""
+    M, L, g = 8, 5, 0.9
+    sim = ChainSim(n=4, L=L, max_episode_steps=M)
+    xs = np.array([0, 0, 2, 3, 1, 4])
+    el = np.array([0, 4, 5, 6, 2, 7])
+    states = {"sim": {"x": xs}, "elapsed_steps": el, "obs": xs[:, None].astype(np.float32)}
+    v, steps = rerollout_on_sim(sim, go_right, states, None, samples=1, horizon=None, gamma=g)
+    d = L - xs
+    np.testing.assert_allclose(v[:, 0], np.where(d <= M - el, g ** (d - 1), 0.0), rtol=1e-12)
+    assert steps == int(np.minimum(d, M - el).sum())  # every job stopped at success or at its time limit
+    # a cap shorter than the remaining episode loses the far successes (the truncation bias)
+    v3, _ = rerollout_on_sim(sim, go_right, states, None, samples=1, horizon=3, gamma=g)
+    np.testing.assert_allclose(v3[:, 0], np.where((d <= M - el) & (d <= 3), g ** (d - 1), 0.0), rtol=1e-12)
+    assert (v3 <= v).all() and (v3 < v).any()
+
+
 def test_success_bonus_in_rerollout_returns():
     """Reaching L is a successful termination: its reward 1 becomes 1 + bonus, discounted like the reward."""
     sim, g, L, b = ChainSim(n=2, L=5), 0.9, 5, 3.0

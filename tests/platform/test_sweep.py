@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -32,8 +33,13 @@ def fake_inputs(tmp_path):
     ds = tmp_path / "demos.h5"
     ds.write_bytes(b"")
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "training_state").mkdir(parents=True)
+    # the sweep reads a checkpoint's safetensors header and JSON files before Ray starts: make them readable
+    from safetensors.numpy import save_file
+
+    save_file({"actor.w": np.zeros(1, np.float32)}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "training_state" / "state.json").write_text('{"step": 0}')
     return SimpleNamespace(dataset=ds, checkpoint=ckpt)
 
 

@@ -1,0 +1,163 @@
+"""Soft actor-critic in the style of RLPD (Ball et al. 2023): the off-policy reference row of finetuning.
+
+``finetune.update: sac`` (with ``finetune.replay: true``) trains, on the same replay + offline minibatches
+as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
+
+* an ensemble of ``E`` Q networks with LayerNorm after every hidden layer (RLPD's critic), each regressed on
+  ``y = r + gamma (1 - term) (min_{i in Z} Q_target,i(s', a') - alpha log pi(a' | s'))`` with
+  ``a' ~ pi(. | s')`` and ``Z`` a random subset of ``M`` target heads (random ensemble distillation, REDQ);
+* the actor on ``L = E_s[ alpha log pi(a~ | s) - mean_i Q_i(s, a~) ]`` with the reparameterised sample
+  ``a~ = mu(s) + sigma eps`` (log-prob of the unclipped sample, as :class:`offrl.algos.networks.GaussianActor`
+  defines it for ``squash="clip"``). The critics see ``a~`` clipped into the bounds, with a straight-through
+  gradient: clipping's zero gradient outside the bounds would otherwise strand a mean that drifted past them
+  early, when Q is still noise (measured on a one-step task: the mean ended at 1.53 for a best action 0.5);
+* the temperature on ``L(alpha) = -log alpha * E[log pi(a~ | s) + H_target]`` (SAC v2's automatic tuning),
+  ``H_target = -act_dim / 2`` by default (RLPD's choice);
+* Polyak-averaged target heads (``tau``).
+
+The actor starts from the pretrained policy like every other rule; the critics start fresh. Batch contract:
+:mod:`offrl.algos.replay`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from offrl.algos.networks import GaussianActor, RunningNorm, _ACTIVATIONS
+from offrl.algos.optim import guarded_step
+from offrl.algos.finetune import RoundLearner
+from offrl.algos.replay import ReplayBuffer
+
+
+def ln_mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu",
+           layer_norm: bool = True) -> nn.Sequential:
+    """Linear-LayerNorm-act-...-Linear (LayerNorm keeps Q from extrapolating wildly off the data, Ball et al.)."""
+    act = _ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), *([nn.LayerNorm(h)] if layer_norm else []), act()]
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class QEnsemble(nn.Module):
+    """``E`` Q(s, a) heads on normalised observations; ``forward`` returns ``[E, B]``."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
+                 size: int = 10, layer_norm: bool = True):
+        super().__init__()
+        self.normalizer = RunningNorm(obs_dim)
+        self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, 1, hidden, activation, layer_norm) for _ in range(size)])
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.normalizer(obs), actions], -1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+
+class SACCritics(nn.Module):
+    """The Q ensemble, its target copy and the log temperature (one module, one checkpoint part)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str, size: int,
+                 layer_norm: bool, init_alpha: float):
+        super().__init__()
+        self.q = QEnsemble(obs_dim, act_dim, hidden, activation, size, layer_norm)
+        self.q_target = copy.deepcopy(self.q)
+        self.q_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
+
+    @torch.no_grad()
+    def polyak(self, tau: float) -> None:
+        for pt, p in zip(self.q_target.parameters(), self.q.parameters()):
+            pt.mul_(1 - tau).add_(p, alpha=tau)
+
+
+def _sample(actor: GaussianActor, obs: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised (action in bounds, log-prob) with gradients through the mean and the std."""
+    d = actor.dist(obs)
+    eps = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype)
+    pre = d.mean + d.stddev * eps
+    if actor.squash == "tanh":
+        u = torch.tanh(pre)
+        return actor._scale(u), (d.log_prob(pre) - torch.log(1 - u.pow(2) + 1e-6)).sum(-1)
+    # straight-through clip: the critics see the clipped action, the gradient passes as if unclipped, so a
+    # mean that left the bounds still feels dQ/da at the bound (a plain clip would cut it off for good)
+    u = pre + (pre.clamp(-1.0, 1.0) - pre).detach()
+    return actor._scale(u), d.log_prob(pre).sum(-1)
+
+
+def sac_critic_target(critics: SACCritics, actor: GaussianActor, rewards: torch.Tensor, next_obs: torch.Tensor,
+                      terminated: torch.Tensor, gamma: float, subset: int,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """y = r + gamma (1 - term) (min over a random subset of target heads - alpha log pi), ``[B]``."""
+    with torch.no_grad():
+        a2, logp2 = _sample(actor, next_obs, generator)
+        qs = critics.q_target(next_obs, a2)                                   # [E, B]
+        pick = torch.randperm(qs.shape[0], generator=generator)[:subset]
+        q2 = qs[pick].min(0).values - critics.log_alpha.exp() * logp2
+        return rewards + gamma * (1.0 - terminated.float()) * q2
+
+
+class SACLearner(RoundLearner):
+    """RLPD-style SAC on replay + offline minibatches; the FinetuneLearner interface the loop uses."""
+
+    def __init__(self, actor: GaussianActor, cfg: Any, critic_hidden: Sequence[int] = (256, 256),
+                 critic_activation: str = "relu", seed: int = 0,
+                 offline: Optional[Mapping[str, torch.Tensor]] = None):
+        self.cfg, self.actor, self.offline = cfg, actor, offline
+        if cfg.offline_ratio > 0 and offline is None:
+            raise ValueError("sac with offline_ratio > 0 needs offline data")
+        self.critics = SACCritics(actor.obs_dim, actor.act_dim, critic_hidden, critic_activation, cfg.sac_ensemble,
+                                  cfg.sac_layer_norm, cfg.sac_init_alpha)
+        for m in (self.critics.q.normalizer, self.critics.q_target.normalizer):
+            m.load_state_dict(actor.normalizer.state_dict())
+        self.target_entropy = (-actor.act_dim / 2.0 if cfg.sac_target_entropy is None
+                               else float(cfg.sac_target_entropy))
+        self.replay = ReplayBuffer(cfg.replay_size, actor.obs_dim, actor.act_dim)
+        self.actor_opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critics.q.parameters(), lr=cfg.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.critics.log_alpha], lr=cfg.critic_lr)
+        self._init_rounds(seed)
+
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
+        guarded_step(opt, loss, params, self.cfg.grad_clip,
+                     f"sac {what} loss became {{loss}} at finetuning round {self.iteration}; "
+                     "the last good checkpoint is kept (lower the learning rates)")
+
+    def update_replay(self, train_actor: bool = True) -> dict[str, float]:
+        """``updates_per_round`` steps: critics on every minibatch, then actor and temperature."""
+        cfg, c = self.cfg, self.critics
+
+        def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
+            y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
+                                  cfg.sac_subset, self.gen)
+            qs = c.q(b["obs"], b["actions"])
+            q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
+            self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
+            c.polyak(cfg.sac_tau)
+            m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}
+            if train_actor:
+                a, logp = _sample(self.actor, b["obs"], self.gen)
+                alpha = c.log_alpha.exp().detach()
+                pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
+                self._step(self.actor_opt, pi_loss, self.actor.parameters(), "actor")
+                a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
+                self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
+                m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
+                         alpha=float(c.log_alpha.exp().detach()))
+            return m
+
+        return self._replay_rounds(one_step)
+
+    # -- checkpoint plumbing (the rest comes from RoundLearner)
+    def modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "sac_critics": self.critics}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor_opt, "sac_critics": self.critic_opt, "sac_alpha": self.alpha_opt}

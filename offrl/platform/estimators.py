@@ -1,0 +1,168 @@
+"""The finetuning loop's advantage estimators as small strategy objects.
+
+Each estimator declares what it needs and turns one round into advantages:
+
+* :class:`GAE`: the online value net (``learner.value``); advantages and lambda-returns for every sample
+  of the round (on-policy).
+* :class:`MonteCarlo`: recorded simulator states (``record_states``) and the SimHost pool; it re-rolls a
+  random ``mc_fraction`` of the round's (state, action) pairs inside the actors, by default to the end of
+  the episode, and keeps only those samples.
+* :class:`OwnCritics`: update rules with critics of their own (``sac``) take no advantages.
+* :class:`Critic`: the expectile critics (IQL with ``tau = finetune.expectile``, SARSA with 0.5). On the
+  on-policy path it scores every sample of the round; on the replay path the learner recomputes
+  advantages on every minibatch itself, so the round only feeds the replay buffer.
+
+``advantages(learner, rnd)`` returns the batch to learn from (``adv`` added, rows possibly selected) and
+extra metrics for the round's log row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from offrl import metrics as M
+from offrl.errors import OffrlError
+
+
+@dataclass
+class Round:
+    """One round's rollout: per-host results, the concatenated ``[T, N]`` data, its flat batch."""
+
+    iteration: int
+    spec: dict            # the policy spec the round was collected with
+    results: list[dict]   # per-host rollouts (with ``states`` when the estimator records them)
+    data: dict            # concat_rollouts(results), success bonus already added to rewards
+    batch: dict           # flat [T * N] tensors in the learner's batch contract
+
+
+class Estimator:
+    name = ""
+    record_states = False   # the rollout must record simulator states
+    needs_value = False     # an online value net
+    needs_critics = False   # pretrained Q/V critics
+
+    def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
+        raise NotImplementedError
+
+
+class GAE(Estimator):
+    name = "gae"
+    needs_value = True
+
+    def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
+        d = rnd.data
+        tens = {k: torch.from_numpy(d[k]) for k in ("obs", "next_obs", "rewards", "terminated", "truncated")}
+        adv, ret = learner.gae_advantages(tens)
+        return {**rnd.batch, "adv": adv.reshape(-1), "returns": ret.reshape(-1)}, {}
+
+
+class Critic(Estimator):
+    """IQL / SARSA critics: A = min_i Q_target,i(s, a) - V(s)."""
+
+    needs_critics = True
+
+    def __init__(self, name: str, replay: bool):
+        self.name, self.replay = name, replay
+
+    def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
+        if self.replay:  # per-minibatch advantages inside learner.update_replay
+            return dict(rnd.batch), {}
+        b = rnd.batch
+        return {**b, "adv": learner.critic_advantages(b["obs"], b["actions"])}, {}
+
+
+class OwnCritics(Estimator):
+    """Update rules that bring their own critics (``sac``): the round only feeds the replay buffer."""
+
+    name = "sac"
+
+    def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
+        return dict(rnd.batch), {}
+
+
+def rerollout_spec(cfg: Any, actor_spec_now: dict) -> dict:
+    """The policy the MC re-rollouts follow (``finetune.rerollout_policy``)."""
+    fc = cfg.finetune
+    if fc.rerollout_policy == "current":
+        return actor_spec_now
+    if fc.rerollout_policy == "expert":
+        return {"kind": "expert", "name": "auto"}
+    from offrl.algos.networks import build_actor
+    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
+    from offrl.platform.pretrain import actor_spec
+
+    ck = resolve_checkpoint(fc.rerollout_checkpoint)
+    arch = json.loads((ck / "training_state" / "state.json").read_text()).get("actor_arch")
+    if not arch:
+        raise OffrlError(f"finetune.rerollout_checkpoint {ck} has no actor")
+    ref = build_actor(arch)  # any policy kind: re-rollouts reset a stateful policy after each restore
+    load_checkpoint(ck, {"actor": ref}, parts=["actor"], restore_rng=False)
+    return actor_spec(ref, arch, deterministic=False)
+
+
+class MonteCarlo(Estimator):
+    """Q(s, a) - V(s) from ``mc_samples`` re-rollouts each, restored from the round's saved states."""
+
+    name = "mc"
+    record_states = True
+
+    def __init__(self, cfg: Any, pool: Any, success_bonus: float, rng: np.random.Generator):
+        self.cfg, self.pool, self.bonus, self.rng = cfg, pool, success_bonus, rng
+        self.rerollout_steps = 0
+
+    def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
+        fc = self.cfg.finetune
+        seed = self.cfg.seed * 100_003 + rnd.iteration
+        idx, adv, st = mc_advantages(self.pool, rnd.results, rnd.data, rerollout_spec(self.cfg, rnd.spec),
+                                     fc, self.rng, seed, self.bonus)
+        self.rerollout_steps += st["steps"]
+        batch = {k: v[torch.from_numpy(idx)] for k, v in rnd.batch.items()}
+        batch["adv"] = torch.from_numpy(adv)
+        return batch, {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
+                       M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"]}
+
+
+def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: Any, rng: np.random.Generator,
+                  seed: int, success_bonus: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Re-roll a random ``fc.mc_fraction`` of the round's (state, action) pairs inside the actors.
+
+    Returns (flat indices into ``[T * N]``, advantages for them, stats).
+    """
+    from offrl.algos.advantages import mc_rerollout_advantage
+    from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
+
+    T, N = data["rewards"].shape
+    k = max(1, int(math.ceil(fc.mc_fraction * T * N)))
+    chosen = np.sort(rng.choice(T * N, size=k, replace=False))
+    offsets = np.cumsum([0] + [r["obs"].shape[1] for r in results])
+    states, actions = [], []
+    for f in chosen:
+        t, n = divmod(int(f), N)
+        h = int(np.searchsorted(offsets, n, side="right") - 1)
+        states.append(index_state(results[h]["states"][t], n - offsets[h]))
+        actions.append(data["actions"][t, n])
+    out = rerollout_pool(pool, spec, stack_states(states), np.stack(actions), fc.mc_samples, fc.mc_horizon,
+                         fc.gamma, seed, success_bonus)
+    adv, q, v = mc_rerollout_advantage(torch.from_numpy(out["q"]), torch.from_numpy(out["v"]))
+    return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
+                                                    "q_mean": float(q.mean()), "v_mean": float(v.mean())}
+
+
+def make_estimator(cfg: Any, pool: Any, success_bonus: float, rng: Optional[np.random.Generator] = None) -> Estimator:
+    """The estimator named by ``finetune.advantage``."""
+    fc = cfg.finetune
+    if fc.update == "sac":
+        return OwnCritics()
+    if fc.advantage == "gae":
+        return GAE()
+    if fc.advantage == "mc":
+        return MonteCarlo(cfg, pool, success_bonus, rng if rng is not None else np.random.default_rng(cfg.seed))
+    if fc.advantage in ("iql", "sarsa"):
+        return Critic(fc.advantage, fc.replay)
+    raise OffrlError(f"unknown finetune.advantage {fc.advantage!r}")

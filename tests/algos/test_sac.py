@@ -1,0 +1,71 @@
+"""RLPD-style SAC: the TD target, learning on a one-step task, and the temperature's direction."""
+
+import torch
+
+from offrl.algos.networks import GaussianActor
+from offrl.algos.sac import SACLearner, sac_critic_target
+from offrl.config import FinetuneConfig
+
+
+def _learner(**over):
+    kw = dict(update="sac", replay=True, updates_per_round=1, batch_size=64, offline_ratio=0.0, replay_size=4096,
+              sac_ensemble=4, sac_subset=2, actor_lr=3e-3, critic_lr=3e-3, grad_clip=0.0)
+    kw.update(over)
+    torch.manual_seed(0)
+    actor = GaussianActor(2, 1, hidden=(32,), log_std_init=-1.0)
+    return SACLearner(actor, FinetuneConfig(**kw), critic_hidden=(32, 32), seed=0)
+
+
+def _bandit(n, g):
+    """One-step episodes: obs random, reward -(a - 0.5)^2, terminal."""
+    obs = torch.randn(n, 2, generator=g)
+    a = torch.rand(n, 1, generator=g) * 2 - 1
+    return {"obs": obs, "actions": a, "raw_actions": a, "logprob": torch.zeros(n),
+            "rewards": -(a[:, 0] - 0.5) ** 2, "next_obs": obs, "terminated": torch.ones(n, dtype=torch.bool)}
+
+
+def test_target_is_the_min_of_a_random_target_subset_minus_the_entropy_term():
+    lr = _learner()
+    g = torch.Generator().manual_seed(3)
+    b = _bandit(8, g)
+    b["terminated"][:4] = False
+    y = sac_critic_target(lr.critics, lr.actor, b["rewards"], b["next_obs"], b["terminated"], 0.9, 2,
+                          torch.Generator().manual_seed(7))
+    # the terminal half bootstraps nothing
+    assert torch.allclose(y[4:], b["rewards"][4:])
+    # the others: between r + 0.9 (min over all heads - alpha logp) and r + 0.9 (max over heads - alpha logp)
+    with torch.no_grad():
+        g2 = torch.Generator().manual_seed(7)
+        d = lr.actor.dist(b["next_obs"])
+        pre = d.mean + d.stddev * torch.randn(d.mean.shape, generator=g2)
+        a2 = lr.actor._scale(pre.clamp(-1, 1))
+        logp = d.log_prob(pre).sum(-1)
+        qs = lr.critics.q_target(b["next_obs"], a2)
+        pick = torch.randperm(4, generator=g2)[:2]
+        expect = b["rewards"] + 0.9 * (qs[pick].min(0).values - lr.critics.log_alpha.exp() * logp)
+    assert torch.allclose(y[:4], expect[:4], atol=1e-6)
+    assert (qs.min(0).values[:4] <= qs[pick].min(0).values[:4]).all()
+
+
+def test_sac_learns_a_one_step_task():
+    """Q fits the reward and the actor's mean moves to the best action 0.5."""
+    lr = _learner(updates_per_round=400)
+    g = torch.Generator().manual_seed(1)
+    lr.replay.add(_bandit(2048, g))
+    obs = torch.randn(256, 2, generator=g)
+    before = lr.actor.dist(obs).mean.mean().item()
+    m = lr.update_replay()
+    after = lr.actor.dist(obs).mean
+    assert abs(after.mean().item() - 0.5) < 0.15 < abs(before - 0.5) + 0.15
+    test = _bandit(256, g)
+    q = lr.critics.q(test["obs"], test["actions"]).mean(0)
+    assert (q - test["rewards"]).pow(2).mean() < 0.02
+    assert m["grad_steps"] == 400 and {"critic_loss", "policy_loss", "alpha", "entropy", "q_mean"} <= set(m)
+
+
+def test_temperature_falls_when_the_policy_is_more_random_than_the_target():
+    lr = _learner(updates_per_round=50, sac_target_entropy=-5.0)  # a 1-D Gaussian with std 0.37 has entropy ~0.4
+    lr.replay.add(_bandit(512, torch.Generator().manual_seed(2)))
+    a0 = lr.critics.log_alpha.exp().item()
+    lr.update_replay()
+    assert lr.critics.log_alpha.exp().item() < a0
