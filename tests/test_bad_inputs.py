@@ -174,17 +174,20 @@ def _garble(ckpt: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, words", [("truncated", "model.safetensors"), ("garbage", "model.safetensors"),
                                         ("config", "config.json is not readable JSON")])
-def test_sweep_finds_a_corrupt_start_checkpoint_before_ray(tmp_path, capsys, how, words):
+def test_sweep_finds_a_corrupt_start_checkpoint_before_ray(tmp_path, how, words):
+    """In a fresh process (this one may hold the session's Ray cluster): one line, exit 2, Ray never
+    started, no experiment folder."""
     ckpt = _checkpoint(tmp_path / "ck")
     _garble(ckpt, how)
     storage = tmp_path / "storage"
-    rc = main(["sweep", str(ROOT / "tune_configs" / "quickstart.yaml"), f"finetune.checkpoint={ckpt}",
-               "--storage", str(storage)])
-    assert rc == 2
-    line = _one_error_line(capsys)
-    assert "finetune.checkpoint" in line and f"corrupt checkpoint {ckpt}" in line and words in line
+    r = run_cli("sweep", str(ROOT / "tune_configs" / "quickstart.yaml"), f"finetune.checkpoint={ckpt}",
+                "--storage", str(storage), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("offrl: error: "), err
+    assert "finetune.checkpoint" in err[0] and f"corrupt checkpoint {ckpt}" in err[0] and words in err[0]
+    assert "Traceback" not in r.stdout + r.stderr and "Ray instance" not in r.stdout + r.stderr
     assert not storage.exists()  # no experiment folder
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 # ------------------------------------------------------------------------ 5. statistics
