@@ -1,12 +1,22 @@
 """Finetuning grid: success before and after finetuning for advantage x update combinations.
 
-Runs ``offrl finetune`` (``tune_configs/finetune.yaml`` unless ``--config``) once per combination and
+Runs ``offrl finetune`` (``tune_configs/finetune.yaml`` unless ``--config``) once per combination, mode and
 seed, sequentially on the local Ray cluster, at an equal env-step budget, from the same pretrained
-checkpoint; then prints a markdown table read back from each run's ``finetune_summary.json`` and writes
-it to ``<root>/finetune_grid.md``. Every figure is recomputed from the run directories.
+checkpoint; then prints a markdown table read back from each run's ``finetune_summary.json`` and
+``metrics.csv`` and writes it to ``<root>/finetune_grid.md``. Every figure is recomputed from the run
+directories.
+
+Modes (``--modes``): ``onpolicy`` is each rule as its own literature runs it on fresh rollouts only;
+``offline`` keeps the pretraining data in the loop: the replay + offline mix (``finetune.replay=true``)
+for IQL / SARSA with AWR / push-away, and the DAPG behaviour-cloning term (``finetune.bc_coef``, see
+``--bc-coef``) on offline minibatches for everything else. ``--updates sac`` adds the RLPD-style
+reference row (it brings its own critics, so it runs once per seed whatever ``--advantages`` says).
+
+AUC is the area under the evaluation success curve (the start evaluation at step 0 included) divided by
+the step range.
 
     python bench/finetune_grid.py [key=value ...] [--advantages gae mc iql sarsa] [--updates ppo awr push_away]
-                                  [--seeds 0] [--root runs/finetune_grid]
+                                  [--modes onpolicy offline] [--seeds 0] [--root runs/finetune_grid]
 
 Overrides go first (or after ``--``): the list options take every word that follows them.
 """
@@ -22,13 +32,35 @@ from pathlib import Path
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| advantage | update | seed | success before | success after | 95% CI after | env steps | re-rollout steps |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = ["| advantage | update | mode | seed | success before | success after | 95% CI after | AUC | env steps | "
+             "re-rollout steps |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for s in rows:
         lo, hi = s["success_after_ci95"]
-        lines.append(f"| {s['advantage']} | {s['update']} | {s['seed']} | {s['success_before']:.2f} | "
-                     f"{s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {s['env_steps']} | {s['rerollout_steps']} |")
+        auc = f"{s['auc']:.2f}" if s.get("auc") is not None else "-"
+        lines.append(f"| {s['advantage']} | {s['update']} | {s.get('mode', '-')} | {s['seed']} | "
+                     f"{s['success_before']:.2f} | {s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {auc} | "
+                     f"{s['env_steps']} | {s['rerollout_steps']} |")
     return "\n".join(lines)
+
+
+def _auc(run: Path) -> "float | None":
+    """Area under the eval/success_rate curve of ``run`` (trapezoid over env steps) / the step range."""
+    import csv
+
+    pts = [(float(r["step"]), float(r["eval/success_rate"])) for r in csv.DictReader(open(run / "metrics.csv"))
+           if r.get("eval/success_rate")]
+    if len(pts) < 2:
+        return None
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
+    return area / (pts[-1][0] - pts[0][0])
+
+
+def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
+    if mode == "onpolicy" or upd == "sac":
+        return []
+    if adv in ("iql", "sarsa") and upd in ("awr", "push_away"):
+        return ["finetune.replay=true"]
+    return [f"finetune.bc_coef={bc_coef}"]
 
 
 def main() -> int:
@@ -41,6 +73,9 @@ def main() -> int:
     ap.add_argument("--config", default="tune_configs/finetune.yaml", help="finetuning config")
     ap.add_argument("--advantages", nargs="+", default=["gae", "mc", "iql", "sarsa"])
     ap.add_argument("--updates", nargs="+", default=["ppo", "awr", "push_away"])
+    ap.add_argument("--modes", nargs="+", default=["onpolicy"], choices=["onpolicy", "offline"],
+                    help="onpolicy: fresh rollouts only; offline: replay + offline mix or the DAPG BC term")
+    ap.add_argument("--bc-coef", type=float, default=0.1, help="finetune.bc_coef of the offline mode's DAPG term")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--root", default="runs/finetune_grid", help="where the runs go")
     ap.add_argument("--from-dir", default=None,
@@ -56,19 +91,29 @@ def main() -> int:
             import yaml
 
             cfg = yaml.safe_load((f.parent / "config.yaml").read_text())
-            rows.append(json.loads(f.read_text()) | {"seed": cfg["seed"], "run": str(f.parent)})
-        rows.sort(key=lambda r: (r["advantage"], r["update"], r["seed"]))
+            ft = cfg.get("finetune", {})
+            mode = "offline" if ft.get("replay") or ft.get("bc_coef") or ft.get("update") == "sac" else "onpolicy"
+            rows.append(json.loads(f.read_text()) | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
+                                                     "run": str(f.parent)})
+        rows.sort(key=lambda r: (r["advantage"], r["update"], r["mode"], r["seed"]))
         print(_table(rows))
         return 0
 
     root = Path(args.root)
     init_ray(load_config(args.config, args.overrides).cluster)
     rows = []
-    for adv, upd, seed in itertools.product(args.advantages, args.updates, args.seeds):
-        trial = f"{adv}_{upd}_seed{seed}"
+    cells = []
+    for mode, adv, upd, seed in itertools.product(args.modes, args.advantages, args.updates, args.seeds):
+        if upd == "sac":
+            adv, mode = "sac", "offline"
+        if (adv, upd, mode, seed) not in cells:
+            cells.append((adv, upd, mode, seed))
+    for adv, upd, mode, seed in cells:
+        trial = f"sac_seed{seed}" if upd == "sac" else f"{adv}_{upd}_{mode}_seed{seed}"
         run = root / "finetune" / trial
         if not (run / "finetune_summary.json").exists():
-            cfg = load_config(args.config, [*args.overrides, f"finetune.advantage={adv}", f"finetune.update={upd}",
+            cfg = load_config(args.config, [*args.overrides, *([] if upd == "sac" else [f"finetune.advantage={adv}"]),
+                                            f"finetune.update={upd}", *_mode_overrides(adv, upd, mode, args.bc_coef),
                                             f"seed={seed}", f"run.root={root}", "run.experiment=finetune",
                                             f"run.trial={trial}", "run.progress=false"])
             if run.exists():
@@ -77,7 +122,7 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"seed": seed, "run": str(run)})
+        rows.append(s | {"seed": seed, "mode": mode, "auc": _auc(run), "run": str(run)})
     table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)

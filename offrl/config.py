@@ -271,6 +271,9 @@ class PretrainConfig(_Checked):
     algo: str = _f("bc", "bc | critic_mc | iql | sarsa | bc+critic_mc | bc+iql | bc+sarsa "
                          "(iql/sarsa alone also extract a policy by advantage weighting).")
     num_episodes: Optional[int] = _f(None, "Use only the first N episodes of the dataset (null: all).")
+    critic_dataset: str = _f("", "Dataset the critics train on when it differs from the actor's (e.g. clean + noisy "
+                                 "+ failed episodes merged with offrl data merge); empty: pretrain.dataset. Same task, "
+                                 "controller and observation layout as pretrain.dataset; split for validation apart.")
     reward: Literal["dataset", "sparse", "dense", "normalized_dense", "success"] = _f(
         "dataset", "Reward the critics learn: the dataset's main reward, a stored reward mode, or success "
                    "(the sparse 0/1 reward from the per-step success flags). BC alone reads no reward.")
@@ -310,6 +313,9 @@ class PretrainConfig(_Checked):
             raise ConfigError("steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
         if self.num_episodes is not None and self.num_episodes < 1:
             raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
+        if self.critic_dataset and not self.critic_mode:
+            raise ConfigError("critic_dataset", f"pretrain.algo={self.algo} trains no critics; use a critic algo "
+                                                "(e.g. bc+iql) or leave critic_dataset empty")
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError("gamma", f"must be in (0, 1], got {self.gamma}")
         _check_bonus(self.success_bonus)

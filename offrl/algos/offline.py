@@ -48,19 +48,23 @@ class OfflineLearner:
             params = list(critics.v.parameters()) + list(critics.q.parameters())
             self.critic_opt = torch.optim.Adam(params, lr=critic_lr)
         self.gen = torch.Generator().manual_seed(int(seed))
+        # the critics' own data order when they train on another dataset (the actor's order stays as without it)
+        self.critic_gen = torch.Generator().manual_seed(int(seed) + 1)
         self.step = 0
 
     # ------------------------------------------------------------------ data
-    def fit_normalizers(self, obs: torch.Tensor) -> None:
-        """Set observation statistics from the training data (before the first update)."""
+    def fit_normalizers(self, obs: torch.Tensor, critic_obs: Optional[torch.Tensor] = None) -> None:
+        """Set observation statistics from the training data (before the first update); the critics use
+        ``critic_obs`` when they train on other data than the actor."""
         if self.actor is not None:
             self.actor.normalizer.update(obs)
         if self.critics is not None:
-            self.critics.update_normalizers(obs)
+            self.critics.update_normalizers(obs if critic_obs is None else critic_obs)
 
-    def permutation(self, n: int) -> torch.Tensor:
-        """A shuffled index order drawn from the learner's own generator (saved in checkpoints)."""
-        return torch.randperm(n, generator=self.gen)
+    def permutation(self, n: int, critics: bool = False) -> torch.Tensor:
+        """A shuffled index order drawn from the learner's own generator (saved in checkpoints);
+        ``critics=True`` draws from the generator of the critics' separate dataset."""
+        return torch.randperm(n, generator=self.critic_gen if critics else self.gen)
 
     # ---------------------------------------------------------------- update
     def _opt_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
@@ -68,17 +72,21 @@ class OfflineLearner:
                      f"{what} loss became {{loss}} at step {self.step}; "
                      "lower the learning rate or check the dataset for extreme values")
 
-    def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def update(self, batch: Mapping[str, torch.Tensor],
+               critic_batch: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
+        """One gradient step of the critics on ``critic_batch`` (default: ``batch``), then of the actor on
+        ``batch`` (an advantage-weighted actor reads the just-updated critics on its own batch)."""
         m: dict[str, float] = {}
         c = self.critics
         if self.critic_opt is not None:
+            cb = batch if critic_batch is None else critic_batch
             if self.critic_mode == "mc":
-                loss, cm = mc_critic_loss(c, batch["obs"], batch["actions"], batch["mc_return"])
+                loss, cm = mc_critic_loss(c, cb["obs"], cb["actions"], cb["mc_return"])
                 self._opt_step(self.critic_opt, loss, self.critic_opt.param_groups[0]["params"], "critic")
             else:
-                v_loss, vm = iql_value_loss(c, batch["obs"], batch["actions"], self.tau)
-                q_loss, qm = iql_q_loss(c, batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
-                                        batch["terminated"], self.gamma)
+                v_loss, vm = iql_value_loss(c, cb["obs"], cb["actions"], self.tau)
+                q_loss, qm = iql_q_loss(c, cb["obs"], cb["actions"], cb["rewards"], cb["next_obs"],
+                                        cb["terminated"], self.gamma)
                 self._opt_step(self.critic_opt, v_loss + q_loss, self.critic_opt.param_groups[0]["params"], "critic")
                 cm = {**vm, **qm}
             c.polyak(self.target_tau if self.critic_mode != "mc" else 1.0)
@@ -99,8 +107,10 @@ class OfflineLearner:
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def validate(self, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Held-out metrics on ``data``: actor NLL/MSE, critic TD error and MC error, mean Q, V, advantage."""
+    def validate(self, data: Mapping[str, torch.Tensor],
+                 critic_data: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
+        """Held-out metrics: actor NLL/MSE on ``data``; critic TD error and MC error, mean Q, V, advantage
+        on ``critic_data`` (default: ``data``)."""
         out: dict[str, float] = {}
         if self.actor is not None:
             self.actor.eval()
@@ -109,6 +119,7 @@ class OfflineLearner:
             self.actor.train()
         if self.critics is not None:
             c = self.critics
+            data = data if critic_data is None else critic_data
             v = c.v(data["obs"])
             q = c.q.min(data["obs"], data["actions"])
             y = td_target(data["rewards"], c.v(data["next_obs"]), data["terminated"], self.gamma)
@@ -130,7 +141,7 @@ class OfflineLearner:
         return {k: o for k, o in (("actor", self.actor_opt), ("critics", self.critic_opt)) if o is not None}
 
     def generators(self) -> dict[str, torch.Generator]:
-        return {"learner": self.gen}
+        return {"learner": self.gen, "critic_data": self.critic_gen}
 
     def extra_state(self) -> dict[str, Any]:
         return {"learner_step": self.step}

@@ -130,6 +130,41 @@ def _load_dataset(cfg: Any):
     return ds
 
 
+def _load_critic_dataset(cfg: Any, ds: Any) -> Any:
+    """``pretrain.critic_dataset`` (None when empty or the same file), checked against the actor's data."""
+    from offrl.data.dataset import OfflineDataset
+
+    path = cfg.pretrain.critic_dataset
+    if not path or Path(path).resolve() == Path(cfg.pretrain.dataset).resolve():
+        return None
+    cds = OfflineDataset.load(path)
+    why = ds.incompatibility(cds)
+    if why:
+        raise OffrlError(f"pretrain.critic_dataset {path} does not fit pretrain.dataset {ds.name}: {why}")
+    return cds
+
+
+def _split(ds: Any, val_fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train, validation-or-None) by episode."""
+    if val_fraction > 0 and len(ds) >= 2:
+        return ds.split(val_fraction, seed=seed)
+    return ds, None
+
+
+def _provenance(ds: Any, train: Any, val: Any) -> dict:
+    """What a network part was trained on: file, episode counts, successes, and episodes per source file
+    (a merged dataset keeps each episode's origin in ``offrl_source``)."""
+    sources: dict[str, int] = {}
+    for e in ds.episodes:
+        src = str(e.info.get("offrl_source", Path(ds.name).name)).split("#")[0]
+        sources[src] = sources.get(src, 0) + 1
+    succ = ds.success
+    return {"path": str(ds.path or ds.name), "episodes": len(ds), "train_episodes": len(train),
+            "val_episodes": len(val) if val is not None else 0,
+            "successful_episodes": None if succ is None else int(np.sum(succ)),
+            "transitions": int(sum(len(e.actions) for e in ds.episodes)), "sources": sources}
+
+
 def follow_source(cfg: Any, values: dict, source: str, explicit: Collection[str] = (), log: Any = print) -> Any:
     """``cfg`` with the keys in ``values`` (dotted, e.g. ``env.id``) taken from ``source`` (a dataset or
     checkpoint whose actions only mean something in its own task and controller), with one note line.
@@ -188,15 +223,20 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                          "critics pair with the Gaussian policy.kind=mlp")
     ds = _load_dataset(cfg)
     cfg = _resolve_env(cfg, ds, log, explicit)
+    cds = _load_critic_dataset(cfg, ds)  # None: the critics train on the actor's data
     reward = _reward_name(cfg) if pc.critic_mode else None  # behaviour cloning reads no reward
-    if pc.val_fraction > 0 and len(ds) >= 2:
-        train, val = ds.split(pc.val_fraction, seed=cfg.seed)
-    else:
-        train, val = ds, None
-    bonus = success_bonus(cfg, ds) if pc.critic_mode else 0.0
+    train, val = _split(ds, pc.val_fraction, cfg.seed)
+    bonus = success_bonus(cfg, ds if cds is None else cds) if pc.critic_mode else 0.0
+    cdata = cvdata = None
     if seq:
         data = sequence_tensors(train, cfg.policy)
         vdata = sequence_tensors(val, cfg.policy) if val is not None else None
+    elif cds is not None:
+        ctrain, cval = _split(cds, pc.val_fraction, cfg.seed)
+        data = training_tensors(train, pc.gamma, None)
+        vdata = training_tensors(val, pc.gamma, None) if val is not None else None
+        cdata = training_tensors(ctrain, pc.gamma, reward, bonus)
+        cvdata = training_tensors(cval, pc.gamma, reward, bonus) if cval is not None else None
     else:
         data = training_tensors(train, pc.gamma, reward, bonus)
         vdata = training_tensors(val, pc.gamma, reward, bonus) if val is not None else None
@@ -204,8 +244,16 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     what = (f"{n} windows (To={cfg.policy.obs_horizon}, Tp={cfg.policy.pred_horizon}, Ta={cfg.policy.action_horizon})"
             if seq else f"{n} train transitions")
     log(f"[offrl] {pc.algo} ({cfg.policy.kind} policy) on {ds.name}: {len(train)} train / {len(val) if val else 0} "
-        f"val episodes, {what}" + (f", reward '{reward}'" if reward else ", no reward needed")
-        + (f" + success bonus {bonus:.3g}" if bonus else ""))
+        f"val episodes, {what}" + (f", reward '{reward}'" if reward and cds is None else "")
+        + (", no reward needed" if not reward else "")
+        + (f" + success bonus {bonus:.3g}" if bonus and cds is None else ""))
+    if cds is not None:
+        nc = next(iter(cdata.values())).shape[0]
+        log(f"[offrl] critics on {cds.name}: {len(ctrain)} train / {len(cval) if cval else 0} val episodes, "
+            f"{nc} train transitions, reward '{reward}'" + (f" + success bonus {bonus:.3g}" if bonus else ""))
+    provenance = {"actor" if pc.trains_actor else "critics": _provenance(ds, train, val)}
+    if pc.critic_mode and pc.trains_actor:
+        provenance["critics"] = provenance["actor"] if cds is None else _provenance(cds, ctrain, cval)
 
     run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
     ckpt_root = run_dir / "checkpoints"
@@ -245,7 +293,10 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             run_dir = create_run_dir(cfg, exist_ok=exist_ok)
             created = not exist_ok
             ckpt_root = run_dir / "checkpoints"
-            learner.fit_normalizers(data if seq else data["obs"])
+            if seq:
+                learner.fit_normalizers(data)
+            else:
+                learner.fit_normalizers(data["obs"], cdata["obs"] if cdata is not None else None)
             if init_from:
                 parts = list(init_parts) if init_parts else list(learner.modules())
                 load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
@@ -257,7 +308,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             save_checkpoint(root, epoch, learner.modules(), optimizers=learner.optimizers(),
                             generators=learner.generators(), config=to_dict(cfg), keep=keep,
                             extra_state={**learner.extra_state(), "actor_arch": arch, "algo": pc.algo,
-                                         "best_val": best_val, "dataset": str(pc.dataset)})
+                                         "best_val": best_val, "dataset": str(pc.dataset),
+                                         "data": provenance})
 
         def run_eval(episodes: int, actor: Any = None) -> dict:
             spec = actor_spec(actor if actor is not None else learner.actor, arch, cfg.eval.deterministic)
@@ -272,15 +324,19 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             t0 = time.time()
             need = steps_per_epoch * bs
             perm = torch.cat([learner.permutation(n) for _ in range(-(-need // n))])
+            if cdata is not None:  # the critics' own pass over their data
+                cbs = min(pc.batch_size, nc)
+                cperm = torch.cat([learner.permutation(nc, critics=True) for _ in range(-(-(steps_per_epoch * cbs) // nc))])
             acc: dict[str, list[float]] = {}
             for i in range(steps_per_epoch):
                 idx = perm[i * bs:(i + 1) * bs]
-                for k, v in learner.update({k: x[idx] for k, x in data.items()}).items():
+                cb = None if cdata is None else {k: x[cperm[i * cbs:(i + 1) * cbs]] for k, x in cdata.items()}
+                for k, v in learner.update({k: x[idx] for k, x in data.items()}, cb).items():
                     acc.setdefault(k, []).append(v)
             row = {_TRAIN_NAMES[k]: float(np.mean(v)) for k, v in acc.items() if k in _TRAIN_NAMES}
             row[M.TRAIN_GRAD_STEPS] = learner.step
             row[M.ITERATION_SECONDS] = time.time() - t0
-            vm = learner.validate(vdata) if vdata is not None else {}
+            vm = learner.validate(vdata, cvdata) if vdata is not None else {}
             row.update({_VAL_NAMES[k]: v for k, v in vm.items() if k in _VAL_NAMES})
             if pool is not None and pc.eval_every and epoch % pc.eval_every == 0 and epoch != pc.epochs:
                 row.update(eval_metrics(run_eval(pc.eval_episodes)))

@@ -118,7 +118,9 @@ def register(subparsers) -> None:
     c.add_argument("--baseline", metavar="GROUP", default=None,
                    help="group to compute P(> baseline) against: its name as in the table "
                         "('a.b=x, c.d=1'), or comma-separated key=value parts or values that pick out one "
-                        "group ('gae,ppo', 'finetune.update=ppo') (default: the first group)")
+                        "group ('gae,ppo', 'finetune.update=ppo'), or 'start': every group against its own "
+                        "trials' first logged values (a finetuning run's step-0 evaluation of its start point) "
+                        "(default: the first group)")
     c.add_argument("--task-column", metavar="COLUMN", default="auto",
                    help="config column naming the task: the bootstrap resamples trials within each task "
                         "(stratified) and P(> baseline) averages over tasks; 'auto': env.id when present; "

@@ -23,6 +23,7 @@ DEFAULT_TASK_COLUMN = "env.id"
 AUTO = "auto"
 GROUP = "group"
 GRID_POINTS = 100
+START = "start"  # --baseline start: every group against its own trials' first logged values
 
 # final-performance statistics: (CSV column prefix, table header, function of a [B, n] array over axis 1)
 FINAL_STATS = (("iqm", "IQM", iqm), ("mean", "mean", np.mean), ("median", "median", np.median))
@@ -59,7 +60,9 @@ class Comparison:
         lines = [f"### {self.metric}: final performance by {' × '.join(self.by) if self.by else 'all trials'}", "",
                  f"{len(self.trials)} trials in {len(self.table)} groups. Final = last logged value per trial; "
                  f"AUC = area under the learning curve / step range, averaged over trials; P(> baseline) = "
-                 f"P(X > Y) + 0.5 P(X = Y) over pairs of trials against the baseline `{self.baseline}`. "
+                 + (f"P(X > Y) + 0.5 P(X = Y) over pairs of (final, start) values of each group's own trials "
+                    f"(start = a trial's first logged value). " if self.baseline == START else
+                    f"P(X > Y) + 0.5 P(X = Y) over pairs of trials against the baseline `{self.baseline}`. ") +
                  f"{pct} bootstrap CIs in brackets ({self.reps} resamples of trials, {strata}, seed {self.seed}).",
                  ""]
         head = (self.by or [GROUP]) + ["trials"] + [h for _, h, _ in FINAL_STATS] + ["AUC", "P(> baseline)"]
@@ -69,7 +72,8 @@ class Comparison:
             cells.append(str(row["trials"]))
             cells += [_fmt_interval(row, key) for key, _, _ in FINAL_STATS]
             cells.append(_fmt_interval(row, "auc"))
-            cells.append("baseline" if row[GROUP] == self.baseline else _fmt_interval(row, "poi"))
+            cells.append("baseline" if row[GROUP] == self.baseline and self.baseline != START
+                         else _fmt_interval(row, "poi"))
             lines.append("| " + " | ".join(cells) + " |")
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
@@ -250,8 +254,16 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
     curves_by_trial = {t: (g[STEP].to_numpy(float), g[metric].to_numpy(float)) for t, g in logged.groupby(TRIAL)}
     keys_of = {t: tuple(value_key(v) for v in row) for t, row in zip(finals[TRIAL], finals[by].itertuples(index=False))}
     keys = sorted(set(keys_of.values()), key=_sort_key)
-    base_i = match_group(by, keys, baseline) if baseline is not None else 0
+    from_start = baseline == START
+    base_i = match_group(by, keys, baseline) if baseline is not None and not from_start else 0
     labels = [group_label(by, k) for k in keys]
+    if from_start:  # each group against its own trials' first logged values (a finetuning run's step-0 eval)
+        firsts = logged.sort_values([TRIAL, STEP], kind="stable").groupby(TRIAL, sort=True).head(1)
+        first_of = dict(zip(firsts[TRIAL], firsts[metric].astype(float)))
+        first_step = dict(zip(firsts[TRIAL], firsts[STEP]))
+        late = sorted(t for t, st in first_step.items() if st != 0)
+        if late:
+            notes.append(f"--baseline start: {len(late)} trial(s) log {metric} first after step 0: {_some(late)}")
     if baseline is None and len(keys) > 1:
         notes.append(f"baseline: {labels[0]} (the first group; choose another with --baseline)")
 
@@ -273,8 +285,12 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
         for key, _, fn in FINAL_STATS:
             _put(row, key, bootstrap_ci(vals, fn, reps, seed, strata, level))
         _put(row, "auc", bootstrap_ci(g["auc"].to_numpy(float), np.mean, reps, seed, strata, level))
-        _put(row, "poi", probability_of_improvement_ci(vals, base["final"].to_numpy(float), reps, seed,
-                                                       strata, base_strata, level))
+        if from_start:
+            starts = np.array([first_of[t] for t in g[TRIAL]])
+            _put(row, "poi", probability_of_improvement_ci(vals, starts, reps, seed, strata, strata, level))
+        else:
+            _put(row, "poi", probability_of_improvement_ci(vals, base["final"].to_numpy(float), reps, seed,
+                                                           strata, base_strata, level))
         row["final_step_min"], row["final_step_max"] = g["final_step"].min(), g["final_step"].max()
         if row["final_step_min"] != row["final_step_max"]:
             notes.append(f"{lab}: trials end at different steps ({row['final_step_min']} to {row['final_step_max']})")
@@ -291,7 +307,7 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
     curve_rows = [c for c in curve_rows if not c.empty]
     curves = (pd.concat(curve_rows, ignore_index=True) if curve_rows
               else pd.DataFrame(columns=[GROUP, STEP, "mean", "lo", "hi", "trials"]))
-    return Comparison(metric=metric, by=by, baseline=labels[base_i], task_column=task, reps=reps, seed=seed,
+    return Comparison(metric=metric, by=by, baseline=START if from_start else labels[base_i], task_column=task, reps=reps, seed=seed,
                       level=level, table=table, trials=trials.reset_index(drop=True), curves=curves, notes=notes)
 
 

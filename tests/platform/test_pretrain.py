@@ -121,3 +121,51 @@ def test_critic_targets_carry_the_success_bonus(tmp_path, expert_dataset):
     first = ds.transitions()["step"] == 0
     torch.testing.assert_close((shaped["mc_return"] - plain["mc_return"])[first],
                                torch.tensor(auto * 0.8 ** (ds.lengths - 1.0), dtype=torch.float32), rtol=1e-4, atol=1e-4)
+
+
+def test_critic_dataset_trains_the_critics_apart_and_records_provenance(tmp_path, expert_dataset, ray_cluster):
+    """pretrain.critic_dataset: the critics learn from clean + noisy + failed episodes while the actor's
+    data, order and weights are exactly those of BC on the clean demos alone; state.json says which data
+    each part saw."""
+    from offrl.config import load_config as lc
+    from offrl.data.collect import collect
+    from offrl.data.dataset import OfflineDataset
+
+    noisy = tmp_path / "noisy.h5"
+    collect(lc(None, ["collect.episodes=6", "collect.action_noise=0.5", "collect.keep_failures=true",
+                      f"collect.output={noisy}", "run.progress=false", "env.num_envs=2", "seed=3"]), progress=False)
+    merged = tmp_path / "critic_data.h5"
+    OfflineDataset.merge([OfflineDataset.load(expert_dataset), OfflineDataset.load(noisy)]).save(merged)
+    n_fail = int((~OfflineDataset.load(noisy).success).sum())
+
+    bc = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc", "run.trial=bc", "pretrain.epochs=2"),
+                          log=lambda *a: None)
+    lines = []
+    run = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc+iql", "run.trial=split", "pretrain.epochs=2",
+                                f"pretrain.critic_dataset={merged}"), log=lines.append)
+    assert any("critics on" in ln and "critic_data.h5" in ln for ln in lines), lines
+    a = load_file(str(bc / "checkpoints" / "2" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "2" / "model.safetensors"))
+    for k in a:  # the actor never saw the critic data, nor did its batch order change
+        assert torch.equal(a[k], b[k]), k
+    assert any(k.startswith("critics.") for k in b)
+
+    state = json.loads((run / "checkpoints" / "2" / "training_state" / "state.json").read_text())
+    prov = state["data"]
+    assert prov["actor"]["sources"] == {"pickcube_20.h5": 20} and prov["actor"]["successful_episodes"] == 20
+    assert prov["critics"]["sources"] == {"pickcube_20.h5": 20, "noisy.h5": 6}
+    assert prov["critics"]["episodes"] == 26 and prov["critics"]["successful_episodes"] == 26 - n_fail
+    assert prov["critics"]["train_episodes"] + prov["critics"]["val_episodes"] == 26
+    assert prov["actor"]["train_episodes"] + prov["actor"]["val_episodes"] == 20
+    rows = _rows(run)
+    assert rows[-1]["val/td_error"] != "" and rows[-1]["val/actor_loss"] != ""
+
+    # the critics' normalizer follows their own data, the actor's the clean demos
+    na = load_file(str(bc / "checkpoints" / "2" / "normalizer.safetensors"))
+    nb = load_file(str(run / "checkpoints" / "2" / "normalizer.safetensors"))
+    assert torch.equal(na["actor.normalizer.mean"], nb["actor.normalizer.mean"])
+    assert float(nb["actor.normalizer.count"]) < float(nb["critics.v.normalizer.count"])
+
+    # a critic dataset of another task is refused with the reason; bc has no critics to give it to
+    with pytest.raises(Exception, match="trains no critics"):
+        _cfg(tmp_path, expert_dataset, "bc", f"pretrain.critic_dataset={merged}")

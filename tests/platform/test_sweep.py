@@ -332,6 +332,47 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, expe
     assert _steps(trial_dir) == ([1, 2, 3, 4, 5],) * 3
 
 
+def test_a_finetune_trial_whose_worker_dies_continues_from_its_checkpoint(tmp_path, tiny_bc_iql_run, ray_cluster,
+                                                                         capsys):
+    """A finetuning trial SIGKILLed after its round-2 checkpoint is retried by Tune in mode "resume" from that
+    checkpoint: it ends with every round logged exactly once in metrics.csv, result.json and progress.csv."""
+    import threading
+
+    sweep = load_sweep(CONFIGS / "quickstart.yaml", [
+        f"finetune.checkpoint={tiny_bc_iql_run}", "finetune.advantage=gae", "finetune.update=ppo",
+        "finetune.iterations=5", "finetune.steps_per_iter=4", "finetune.eval_every=1", "finetune.eval_episodes=1",
+        "env.num_envs=1", "run.tensorboard=false", "sweep.max_failures=1", "sweep.name=ft_retry"],
+        log=lambda *a: None)
+    exp = tmp_path / "ft_retry"
+    killed = []
+
+    def kill_once() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            try:
+                trial_dir, = [p for p in exp.iterdir() if p.is_dir() and (p / "sweep_trial.json").exists()]
+                if (trial_dir / "checkpoints" / "8" / "model.safetensors").exists():
+                    pid = json.loads((trial_dir / "sweep_trial.json").read_text())["attempts"][0]["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_once, daemon=True)
+    watcher.start()
+    assert run_sweep(sweep, tmp_path) == 0
+    watcher.join()
+    trial_dir, = [p for p in exp.iterdir() if p.is_dir() and (p / "sweep_trial.json").exists()]
+    assert killed and f"retrying {trial_dir.name} after a failure" in capsys.readouterr().out
+    attempts = json.loads((trial_dir / "sweep_trial.json").read_text())["attempts"]
+    # Tune registers a checkpoint after the report that carries it: the kill can fall between the two
+    assert [a["mode"] for a in attempts] == ["fresh", "resume"] and attempts[1]["checkpoint_step"] >= 4
+    assert _steps(trial_dir) == ([0, 4, 8, 12, 16, 20],) * 3
+    summary = json.loads((trial_dir / "finetune_summary.json").read_text())
+    assert summary["env_steps"] == 20
+
+
 def test_resume_of_a_trial_that_had_finished_reports_nothing_twice(tmp_path, expert_dataset, ray_cluster):
     """The driver died after a trial's last report but before Tune recorded its end (simulated by marking
     it RUNNING in the saved experiment state): --resume restores it at its final checkpoint, and the

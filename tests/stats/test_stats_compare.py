@@ -114,3 +114,26 @@ def test_learning_curves_grid():
     assert len(grid) == 50 and grid[0] == 0 and grid[-1] == 499
     grid, _ = learning_curves([(np.array([0.0, 1.0]), np.zeros(2)), (np.array([2.0, 3.0]), np.zeros(2))])
     assert grid.size == 0
+
+
+def test_baseline_start_compares_each_group_with_its_own_first_values(tmp_path):
+    """--baseline start: P(> start) pairs a group's final values with its own trials' step-0 values."""
+    from offrl.stats.aggregate import probability_of_improvement
+
+    starts = {"up": (0.4, 0.4, 0.4), "down": (0.5, 0.5, 0.5)}
+    finals = {"up": (0.6, 0.3, 0.7), "down": (0.2, 0.5, 0.1)}
+    for g in starts:
+        for seed in SEEDS:
+            rows = [{"step": 0, "eval/success_rate": starts[g][seed]},
+                    {"step": 100, "eval/success_rate": finals[g][seed]}]
+            write_run(tmp_path / f"{g}_s{seed}", {"seed": seed, "algo": g, "run": {"trial": f"{g}_s{seed}"}}, rows)
+    cmp = compare(load_runs([tmp_path]), by=["algo"], baseline="start", reps=200)
+    table = cmp.table.set_index("group")
+    for g in starts:
+        want = probability_of_improvement(np.array(finals[g]), np.array(starts[g]))
+        assert table.loc[f"algo={g}", "poi"] == pytest.approx(want)
+    assert table.loc["algo=up", "poi"] == pytest.approx(2 / 3)
+    assert table.loc["algo=down", "poi"] == pytest.approx(0.5 / 3)
+    md = cmp.markdown()
+    assert "own trials" in md
+    assert all("| baseline |" not in ln for ln in md.splitlines()[6:])  # no group is the baseline
