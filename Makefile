@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(VPY) bench/sim_throughput.py
+	$(VPY) bench/loop_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs

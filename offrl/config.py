@@ -368,6 +368,8 @@ class EvalConfig(_Checked):
     def check(self) -> None:
         if self.episodes < 1:
             raise ConfigError("episodes", f"must be >= 1, got {self.episodes}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0 (simulator seeds are unsigned), got {self.seed}")
 
 
 ADVANTAGES = ("gae", "mc", "iql", "sarsa")

@@ -124,7 +124,8 @@ def test_non_finite_float_in_a_yaml_file(tmp_path):
 # ------------------------------------------------------------------------ 2. actor construction noise
 
 @pytest.mark.parametrize("override, words", [("env.control_mode=pd_bogus", "control_mode=pd_bogus"),
-                                             ("env.obs_mode=rgb", "obs_mode 'rgb'")])
+                                             ("env.obs_mode=rgb", "obs_mode 'rgb'"),
+                                             ("env.sim_config={bogus_field: 1}", "env.sim_config")])
 def test_bad_controller_or_obs_mode_is_one_line_and_no_actor_starts(tmp_path, override, words):
     r = run_cli("rollout", "tune_configs/rollout.yaml", override, f"run.root={tmp_path / 'runs'}",
                 "cluster.num_hosts=1", "env.num_envs=1", timeout=240)
@@ -158,6 +159,14 @@ def test_eval_refuses_episodes_below_one(tmp_path, capsys, episodes):
     ckpt = _checkpoint(tmp_path / "ck")
     assert main(["eval", str(ckpt), "--episodes", episodes]) == 2
     assert f"--episodes must be >= 1, got {episodes}" in _one_error_line(capsys)
+
+
+def test_eval_refuses_a_negative_seed(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "ck")
+    assert main(["eval", str(ckpt), "--episodes", "1", "--seed", "-1"]) == 2
+    assert "--seed must be >= 0" in _one_error_line(capsys)
+    assert main(["eval", str(ckpt), "--episodes", "1", "eval.seed=-5"]) == 2
+    assert "'eval.seed': must be >= 0" in _one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------ 4. sweeps

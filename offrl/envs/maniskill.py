@@ -96,8 +96,10 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
     kwargs.update(extra or {})
     try:
         env = gym.make(env_id, **kwargs)
-    except (AssertionError, ValueError, KeyError, NotImplementedError) as e:
+    except (AssertionError, ValueError, KeyError, NotImplementedError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, TypeError) and sim_config:  # e.g. an unknown field in env.sim_config
+            msg = f"env.sim_config {sim_config!r} was refused: {msg}"
         raise OffrlError(f"cannot build {env_id} (control_mode={control_mode}, obs_mode={obs_mode}, "
                          f"reward_mode={reward_mode}, sim_backend={sim_backend}): {msg}") from None
     except RuntimeError as e:
@@ -105,6 +107,11 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
             raise OffrlError(f"{_NO_VULKAN}; run scripts/setup_system.sh "
                              "(Mesa >= 24.3 lavapipe on CPU machines)") from None
         raise
+    except Exception as e:  # ManiSkill checks sim_config with dacite (strict): an unknown or mistyped field
+        if type(e).__module__.split(".")[0] != "dacite":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OffrlError(f"cannot build {env_id}: env.sim_config {sim_config!r} was refused: {msg}") from None
     u = env.unwrapped
     space = u.single_observation_space
     if not (hasattr(space, "shape") and space.shape is not None and len(space.shape) == 1):
@@ -358,6 +365,9 @@ def probe_env(env_cfg: Any) -> Optional[dict]:
         except OffrlError as e:
             if str(e).startswith(_NO_VULKAN):
                 return None
+            if env_cfg.backend != "cpu":  # the probe stands in for the GPU backend: say so
+                raise OffrlError(f"{e} (checked on physx_cpu before starting the {env_cfg.backend} "
+                                 "backend: the task, controller and observation mode are the same)") from None
             raise
         try:
             _PROBED[key] = {"obs_dim": int(u.single_observation_space.shape[0]),

@@ -154,15 +154,23 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
                                                     "q_mean": float(q.mean()), "v_mean": float(v.mean())}
 
 
+def estimator_class(cfg: Any) -> type[Estimator]:
+    """The estimator class of ``finetune.advantage`` (its class attributes say what it needs)."""
+    fc = cfg.finetune
+    if fc.update == "sac":
+        return OwnCritics
+    classes = {"gae": GAE, "mc": MonteCarlo, "iql": Critic, "sarsa": Critic}
+    if fc.advantage not in classes:
+        raise OffrlError(f"unknown finetune.advantage {fc.advantage!r}")
+    return classes[fc.advantage]
+
+
 def make_estimator(cfg: Any, pool: Any, success_bonus: float, rng: Optional[np.random.Generator] = None) -> Estimator:
     """The estimator named by ``finetune.advantage``."""
     fc = cfg.finetune
-    if fc.update == "sac":
-        return OwnCritics()
-    if fc.advantage == "gae":
-        return GAE()
-    if fc.advantage == "mc":
+    cls = estimator_class(cfg)
+    if cls is MonteCarlo:
         return MonteCarlo(cfg, pool, success_bonus, rng if rng is not None else np.random.default_rng(cfg.seed))
-    if fc.advantage in ("iql", "sarsa"):
+    if cls is Critic:
         return Critic(fc.advantage, fc.replay)
-    raise OffrlError(f"unknown finetune.advantage {fc.advantage!r}")
+    return cls()

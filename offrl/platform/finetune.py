@@ -26,21 +26,21 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
     """Actor (+ critics / value net) from the pretrained checkpoint; the env follows the checkpoint's."""
     from offrl.algos.critics import Critics, VNet
     from offrl.algos.networks import GaussianActor
-    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
+    from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
 
     fc = cfg.finetune
     if not fc.checkpoint:
         raise OffrlError("finetune.checkpoint is empty: give a pretrained checkpoint or run directory "
                          "(offrl pretrain ... with algo bc, bc+iql or bc+sarsa)")
     ckpt = resolve_checkpoint(fc.checkpoint)
-    state = json.loads((ckpt / "training_state" / "state.json").read_text())
+    state = checkpoint_json(ckpt, "training_state/state.json")
     arch = state.get("actor_arch")
     if not arch:
         raise OffrlError(f"checkpoint {ckpt} has no actor to finetune")
     if arch.get("kind", "mlp") != "mlp":
         raise OffrlError(f"checkpoint {ckpt} holds a {arch['kind']} policy; online finetuning needs the Gaussian "
                          "mlp policy (its log-probabilities drive every update rule); pretrain with policy.kind=mlp")
-    saved = from_dict(json.loads((ckpt / "config.json").read_text()))
+    saved = from_dict(checkpoint_json(ckpt, "config.json"))
     from offrl.platform.pretrain import follow_source
 
     cfg = follow_source(cfg, {"env.id": saved.env.id, "env.control_mode": saved.env.control_mode},
@@ -50,27 +50,30 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
     if fc.init_log_std is not None:
         with torch.no_grad():
             actor.log_std.fill_(fc.init_log_std)
+    from offrl.platform.estimators import estimator_class
+
+    needs = estimator_class(cfg)
+    if not (needs.needs_critics or needs.needs_value):  # MC re-rollouts and SAC's own Q ensemble: the actor only
+        return cfg, arch, actor, None, None, ckpt
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         has_critics = any(k.startswith("critics.") for k in f.keys())
+    if needs.needs_critics and not has_critics:
+        raise OffrlError(f"finetune.advantage={fc.advantage} needs critics in {ckpt} "
+                         "(pretrain with algo bc+iql or bc+sarsa)")
     critics = value = None
     if has_critics:
         sc = saved.critic
         critics = Critics(arch["obs_dim"], arch["act_dim"], list(sc.hidden), sc.activation, sc.twin_q)
         load_checkpoint(ckpt, {"critics": critics}, parts=["critics"], restore_rng=False)
-    if fc.update == "sac":  # SAC brings its own Q ensemble
-        return cfg, arch, actor, None, None, ckpt
-    if fc.advantage in ("iql", "sarsa") and critics is None:
-        raise OffrlError(f"finetune.advantage={fc.advantage} needs critics in {ckpt} "
-                         "(pretrain with algo bc+iql or bc+sarsa)")
-    if fc.advantage == "gae":
+    if needs.needs_value:
         if critics is not None:  # warm start from the pretrained V
             value = critics.v
         else:
             value = VNet(arch["obs_dim"], list(cfg.critic.hidden), cfg.critic.activation)
             value.normalizer.load_state_dict(actor.normalizer.state_dict())
-    if fc.advantage not in ("iql", "sarsa"):
+    if not needs.needs_critics:
         critics = None
     return cfg, arch, actor, value, critics, ckpt
 
@@ -106,7 +109,9 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
     fc = cfg.finetune
     path, n = fc.offline_dataset, None
     if not path:
-        saved = json.loads((start_ckpt / "config.json").read_text()).get("pretrain", {})
+        from offrl.platform.checkpoint import checkpoint_json
+
+        saved = checkpoint_json(start_ckpt, "config.json").get("pretrain", {})
         path, n = saved.get("dataset", ""), saved.get("num_episodes")
         if not path:
             raise OffrlError(f"finetune.offline_dataset is empty and {start_ckpt} names no pretrain.dataset")

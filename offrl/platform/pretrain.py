@@ -330,13 +330,17 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             acc: dict[str, list[float]] = {}
             for i in range(steps_per_epoch):
                 idx = perm[i * bs:(i + 1) * bs]
-                cb = None if cdata is None else {k: x[cperm[i * cbs:(i + 1) * cbs]] for k, x in cdata.items()}
-                for k, v in learner.update({k: x[idx] for k, x in data.items()}, cb).items():
+                batch = {k: x[idx] for k, x in data.items()}
+                if cdata is None:
+                    m = learner.update(batch)
+                else:
+                    m = learner.update(batch, {k: x[cperm[i * cbs:(i + 1) * cbs]] for k, x in cdata.items()})
+                for k, v in m.items():
                     acc.setdefault(k, []).append(v)
             row = {_TRAIN_NAMES[k]: float(np.mean(v)) for k, v in acc.items() if k in _TRAIN_NAMES}
             row[M.TRAIN_GRAD_STEPS] = learner.step
             row[M.ITERATION_SECONDS] = time.time() - t0
-            vm = learner.validate(vdata, cvdata) if vdata is not None else {}
+            vm = ({} if vdata is None else learner.validate(vdata) if cvdata is None else learner.validate(vdata, cvdata))
             row.update({_VAL_NAMES[k]: v for k, v in vm.items() if k in _VAL_NAMES})
             if pool is not None and pc.eval_every and epoch % pc.eval_every == 0 and epoch != pc.epochs:
                 row.update(eval_metrics(run_eval(pc.eval_episodes)))
@@ -435,6 +439,8 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
 
     if episodes is not None and episodes < 1:
         raise OffrlError(f"--episodes must be >= 1, got {episodes}")
+    if seed is not None and seed < 0:
+        raise OffrlError(f"--seed must be >= 0 (simulator seeds are unsigned), got {seed}")
     ckpt = resolve_checkpoint(checkpoint)  # complete and readable, or one line
     arch = checkpoint_json(ckpt, "training_state/state.json").get("actor_arch")
     if not arch:
@@ -442,6 +448,13 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     cfg = from_dict(apply_overrides(checkpoint_json(ckpt, "config.json"), list(overrides)))
     episodes = cfg.eval.episodes if episodes is None else episodes
     seed = cfg.eval.seed if seed is None else seed
+    sampler = None
+    if arch.get("kind") == "diffusion":  # sampling is not training: diffusion.scheduler / inference_steps may change
+        sampler = {"scheduler": cfg.diffusion.scheduler, "inference_steps": cfg.diffusion.inference_steps}
+        if any(arch.get(k) != v for k, v in sampler.items()):
+            log(f"[offrl] sampling with {sampler['scheduler']} x {sampler['inference_steps']} steps (trained with "
+                f"{arch.get('scheduler')} x {arch.get('inference_steps')})")
+            arch = {**arch, **sampler}
     actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
     # the env is built once here, before Ray starts: a bad control mode or a checkpoint made for another
@@ -459,7 +472,7 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     finally:
         pool.shutdown()
     extra = {"checkpoint": str(ckpt), "protocol": eval_protocol(cfg), "policy": arch.get("kind", "mlp"), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
-             "control_mode": cfg.env.control_mode, "seconds": dt}
+             "control_mode": cfg.env.control_mode, "seconds": dt, **({"sampler": sampler} if sampler else {})}
     run_dir = find_run_dir(ckpt)
     path = Path(out) if out else (run_dir / "eval.json" if run_dir else ckpt / "eval.json")
     write_eval_json(path, summary, extra)
