@@ -56,7 +56,9 @@ def _auc(run: Path) -> "float | None":
 
 
 def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
-    if mode == "onpolicy" or upd == "sac":
+    if upd == "sac":
+        return ["finetune.replay=true"]  # sac trains on the replay + offline mix only
+    if mode == "onpolicy":
         return []
     if adv in ("iql", "sarsa") and upd in ("awr", "push_away"):
         return ["finetune.replay=true"]

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint's policy in simulation with fixed seeds",
                         description="Run the checkpoint's actor on SimHost actors for N episodes with fixed "
                                     "evaluation seeds (eval.seed + j). Reports success_once, success_at_end, return "
-                                    "and episode length with 95%% confidence intervals and writes eval.json into "
+                                    "and episode length with 95% confidence intervals and writes eval.json into "
                                     "the run directory.")
     ev.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder, or run directory (latest checkpoint)")
     ev.add_argument("--episodes", type=int, default=None, help="episodes to run (default: eval.episodes)")
@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="where to write the JSON (default: <run dir>/eval.json)")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides of the checkpoint's config, e.g. env.num_envs=8 cluster.num_hosts=2 "
-                         "eval.deterministic=false")
+                         "eval.deterministic=false; for a diffusion policy also its sampler, e.g. "
+                         "diffusion.scheduler=ddpm diffusion.inference_steps=100")
     ev.set_defaults(func=cmd_eval)
 
-    ft = sub.add_parser("finetune", help="online finetuning: advantage {gae, mc, iql, sarsa} x update {ppo, awr, push_away}",
+    ft = sub.add_parser("finetune", help="online finetuning: advantage {gae, mc, iql, sarsa} x update {ppo, awr, push_away, sac}",
                         description="Finetune a pretrained policy (finetune.checkpoint) online on SimHost actors. "
                                     "Each round: stochastic rollouts -> advantages by finetune.advantage -> update by "
                                     "finetune.update -> periodic deterministic evaluation -> checkpoint. Writes a run "

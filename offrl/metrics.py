@@ -26,6 +26,9 @@ VAL_LOSS = "train/val_loss"
 POLICY_LOSS = "losses/policy_loss"
 VALUE_LOSS = "losses/value_loss"
 APPROX_KL = "losses/approx_kl"
+# replay path: KL(pi_before || pi_after) of the round's updates on the states of its first minibatch (on
+# that path approx_kl compares with each row's own, possibly stale, behaviour log-prob and is no step size)
+ROUND_KL = "losses/round_kl"
 CLIPFRAC = "losses/clipfrac"
 
 # offline pretraining (step = epoch)

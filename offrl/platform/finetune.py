@@ -248,7 +248,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         names = {"policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "approx_kl": M.APPROX_KL,
                  "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
                  "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "offline_frac": M.OFFLINE_FRACTION,
-                 "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN}
+                 "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN,
+                 "round_kl": M.ROUND_KL}
         for it in range(it0 + 1, fc.iterations + 1):
             t0 = time.perf_counter()
             spec = actor_spec(actor, arch, deterministic=False)

@@ -98,6 +98,7 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
         assert float(last["charts/offline_fraction"]) == 0.5 and last["losses/policy_loss"] != ""
         assert float(last["charts/grad_steps"]) == 5 and last["losses/critic_loss"] != ""
         assert float(last["charts/advantage_samples"]) == 5 * 32
+        assert 0 < float(last["losses/round_kl"]) < 1  # the round moved the policy, by a bounded step
     if upd == "sac":
         assert rows[1]["charts/sac_alpha"] == ""  # round 1: the fresh Q ensemble learns alone
         assert float(last["charts/sac_alpha"]) > 0 and last["charts/q_mean"] != ""
