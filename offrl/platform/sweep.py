@@ -83,6 +83,11 @@ class SweepSpec(_Checked):
     resources: SweepResources = _sub(SweepResources)
     metric: str = _f(M.EVAL_SUCCESS_RATE, "Metric of the final summary (last logged value per trial).")
     mode: Literal["max", "min"] = _f("max", "Whether a higher (max) or lower (min) metric is better.")
+    scheduler: dict = _f({}, "Tune trial scheduler: {} (none: every trial runs to the end) or {asha: {metric: "
+                             "..., mode: ..., grace_period: G, reduction_factor: R, max_t: T}} for Tune's "
+                             "ASHAScheduler, which stops trials whose metric is in the bottom 1 - 1/R at a rung; "
+                             "times are in the trial's `step` units (finetune: env steps; pretrain: epochs); "
+                             "metric/mode default to sweep.metric/mode. A stopped trial keeps its run directory.")
 
     def check(self) -> None:
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
@@ -100,6 +105,60 @@ class SweepSpec(_Checked):
             raise ConfigError("max_concurrent", f"must be >= 0, got {self.max_concurrent}")
         if self.metric not in M.ALL:
             raise ConfigError("metric", f"unknown metric {self.metric!r} (metric names are in offrl/metrics.py)")
+        asha_settings(self)  # names a bad scheduler key before Ray starts
+
+
+SCHEDULERS = ("asha",)
+_ASHA_KEYS = {"metric": str, "mode": str, "grace_period": float, "reduction_factor": float, "max_t": float}
+
+
+def asha_settings(spec: "SweepSpec") -> Optional[dict]:
+    """Validated ``sweep.scheduler.asha`` settings with defaults filled in (None: no scheduler)."""
+    raw = spec.scheduler
+    if not raw:
+        return None
+    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in SCHEDULERS:
+        raise ConfigError("scheduler", f"expected {{}} or {{asha: {{...}}}}, got {raw!r}"
+                          + (" (pbt is not supported yet)" if isinstance(raw, dict) and "pbt" in raw else ""))
+    body = raw["asha"] or {}
+    if not isinstance(body, dict):
+        raise ConfigError("scheduler.asha", f"expected a mapping of settings, got {body!r}")
+    for k, v in body.items():
+        if k not in _ASHA_KEYS:
+            raise ConfigError(f"scheduler.asha.{k}", f"unknown setting; known: {', '.join(_ASHA_KEYS)}")
+        if _ASHA_KEYS[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                       or not math.isfinite(v)):
+            raise ConfigError(f"scheduler.asha.{k}", f"must be a finite number, got {v!r}")
+    out = {"metric": spec.metric, "mode": spec.mode, "grace_period": 1, "reduction_factor": 2, "max_t": None,
+           **body}
+    if out["metric"] not in M.ALL:
+        raise ConfigError("scheduler.asha.metric", f"unknown metric {out['metric']!r}")
+    if out["mode"] not in ("max", "min"):
+        raise ConfigError("scheduler.asha.mode", f"must be max or min, got {out['mode']!r}")
+    if out["grace_period"] <= 0:
+        raise ConfigError("scheduler.asha.grace_period", f"must be > 0, got {out['grace_period']}")
+    if out["reduction_factor"] <= 1:
+        raise ConfigError("scheduler.asha.reduction_factor", f"must be > 1, got {out['reduction_factor']}")
+    if out["max_t"] is None:
+        raise ConfigError("scheduler.asha.max_t", "is needed: the step of a trial's last report (finetune: "
+                                                  "iterations x steps_per_iter x envs; pretrain: epochs)")
+    if out["max_t"] < out["grace_period"]:
+        raise ConfigError("scheduler.asha.max_t", f"must be >= grace_period, got {out['max_t']}")
+    return out
+
+
+def _scheduler(spec: "SweepSpec") -> Any:
+    """Tune's scheduler object for ``sweep.scheduler`` (None: FIFO, every trial runs to the end)."""
+    asha = asha_settings(spec)
+    if asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    from offrl.platform.sweep_trial import STEP
+
+    return ASHAScheduler(time_attr=STEP, metric=asha["metric"], mode=asha["mode"], max_t=asha["max_t"],
+                         grace_period=asha["grace_period"], reduction_factor=asha["reduction_factor"],
+                         stop_last_trials=False)  # a trial that reaches max_t finishes on its own
 
 
 # ------------------------------------------------------------------------------------------ axes
@@ -572,7 +631,8 @@ def run_sweep(sweep: Sweep, storage: str | Path = "runs", log: Any = _print) -> 
                        tune_config=tune.TuneConfig(num_samples=sweep.spec.num_samples,
                                                    max_concurrent_trials=sweep.spec.max_concurrent or None,
                                                    trial_name_creator=trial_dirname,
-                                                   trial_dirname_creator=trial_dirname))
+                                                   trial_dirname_creator=trial_dirname,
+                                                   scheduler=_scheduler(sweep.spec)))
     return _finish(sweep, exp_dir, tuner.fit(), log)
 
 
@@ -614,7 +674,7 @@ def _final(run_dir: Path, metric: str) -> tuple[Optional[int], Optional[float]]:
 
 def _finish(sweep: Sweep, exp_dir: Path, results: Any, log: Any) -> int:
     """Print the trial table and what to run next; returns 0 when every trial finished."""
-    rows, failed, unfinished = [], [], 0
+    rows, failed, unfinished, stopped = [], [], 0, 0
     values = []
     for r in sorted(results, key=lambda r: Path(r.path).name):
         run_dir = Path(r.path)
@@ -627,13 +687,17 @@ def _finish(sweep: Sweep, exp_dir: Path, results: Any, log: Any) -> int:
         status = "failed" if r.error is not None else ("finished" if done else "unfinished")
         if r.error is not None:
             failed.append((run_dir.name, str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ""))
+        elif not done and sweep.spec.scheduler:  # fit() returned: the scheduler ended it early
+            status = f"stopped by {next(iter(sweep.spec.scheduler))}"
+            stopped += 1
         elif not done:
             unfinished += 1
         if value is not None:
             values.append((value, run_dir.name))
         rows.append([run_dir.name, status, "" if value is None else f"{value:.4g}", "" if step is None else str(step)])
     n = len(rows)
-    log(f"[offrl] {n} trials: {n - len(failed) - unfinished} finished, {len(failed)} failed, {unfinished} unfinished")
+    log(f"[offrl] {n} trials: {n - len(failed) - unfinished - stopped} finished, {len(failed)} failed, "
+        f"{unfinished} unfinished" + (f", {stopped} stopped early by the scheduler" if stopped else ""))
     for line in _table(["trial", "status", sweep.spec.metric, "step"], rows):
         log(line)
     if values:

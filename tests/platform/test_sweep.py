@@ -373,6 +373,32 @@ def test_a_finetune_trial_whose_worker_dies_continues_from_its_checkpoint(tmp_pa
     assert summary["env_steps"] == 20
 
 
+def test_asha_scheduler_stops_the_worse_trials_early(tmp_path, expert_dataset, ray_cluster, capsys):
+    """sweep.scheduler.asha: trials run one at a time; the first (learning rate 1e-3) sets the rung values,
+    the two with a learning rate of 1e-7 have a worse held-out MC error at the first rung and are stopped
+    there. They keep their run directories and the sweep counts them as stopped, not unfinished."""
+    sweep = load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(
+        expert_dataset, "asha", "[0]", "sweep.axes.pretrain.critic_lr={grid_search: [1.0e-3, 1.0e-7, 2.0e-7]}",
+        "sweep.scheduler={asha: {metric: val/mc_error, mode: min, grace_period: 1, reduction_factor: 2, max_t: 5}}"),
+        log=lambda *a: None)
+    assert run_sweep(sweep, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "3 trials: 1 finished, 0 failed, 0 unfinished, 2 stopped early by the scheduler" in out, out
+    trials = sorted(p for p in (tmp_path / "asha").iterdir() if p.is_dir() and (p / "metrics.csv").exists())
+    steps = [_steps(t)[0] for t in trials]
+    assert steps[0] == [1, 2, 3, 4, 5] and all(len(s) < 5 for s in steps[1:]), steps
+    assert all((t / "config.yaml").exists() for t in trials)
+
+
+def test_a_bad_scheduler_key_is_named_before_ray_starts(tmp_path, expert_dataset):
+    for bad, words in [("{asha: {grace: 1, max_t: 5}}", "sweep.scheduler.asha.grace"),
+                       ("{asha: {max_t: 5, reduction_factor: 1}}", "sweep.scheduler.asha.reduction_factor"),
+                       ("{pbt: {perturbation_interval: 2}}", "pbt is not supported yet")]:
+        with pytest.raises(ConfigError, match=words):
+            load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(expert_dataset, "x", "[0]",
+                                                                        f"sweep.scheduler={bad}"), log=lambda *a: None)
+
+
 def test_resume_of_a_trial_that_had_finished_reports_nothing_twice(tmp_path, expert_dataset, ray_cluster):
     """The driver died after a trial's last report but before Tune recorded its end (simulated by marking
     it RUNNING in the saved experiment state): --resume restores it at its final checkpoint, and the
