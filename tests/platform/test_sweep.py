@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -300,21 +301,18 @@ def _pretrain_sweep(dataset: Path, name: str, seeds: str, *extra: str) -> list[s
             "pretrain.checkpoint_every=1", "critic.hidden=[32, 32]", "run.tensorboard=false", *extra]
 
 
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, expert_dataset, ray_cluster, capsys):
-    """sweep.max_failures: the trial's process is SIGKILLed after 2 epochs; Tune restarts the trial, which
-    continues from its last Tune checkpoint, and no step is logged twice."""
+def _kill_first_attempt_when(ready: Any, timeout: float) -> tuple[Any, list]:
+    """A started thread that SIGKILLs a trial's first attempt once ``ready()`` returns its trial dir."""
     import threading
 
-    sweep = load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(expert_dataset, "retry", "[0]"),
-                       log=lambda *a: None)
-    trial_dir = tmp_path / "retry" / "0000_seed=0"
-    killed = []
+    killed: list = []
 
-    def kill_once() -> None:
-        deadline = time.time() + 180
+    def watch() -> None:
+        deadline = time.time() + timeout
         while time.time() < deadline and not killed:
             try:
-                if len((trial_dir / "metrics.csv").read_text().splitlines()) >= 3:
+                trial_dir = ready()
+                if trial_dir is not None:
                     pid = json.loads((trial_dir / "sweep_trial.json").read_text())["attempts"][0]["pid"]
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -322,8 +320,19 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, expe
                 pass
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=kill_once, daemon=True)
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    return watcher, killed
+
+
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, expert_dataset, ray_cluster, capsys):
+    """sweep.max_failures: the trial's process is SIGKILLed after 2 epochs; Tune restarts the trial, which
+    continues from its last Tune checkpoint, and no step is logged twice."""
+    sweep = load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(expert_dataset, "retry", "[0]"),
+                       log=lambda *a: None)
+    trial_dir = tmp_path / "retry" / "0000_seed=0"
+    watcher, killed = _kill_first_attempt_when(
+        lambda: trial_dir if len((trial_dir / "metrics.csv").read_text().splitlines()) >= 3 else None, 180)
     assert run_sweep(sweep, tmp_path) == 0
     watcher.join()
     assert killed and "retrying 0000_seed=0 after a failure" in capsys.readouterr().out
@@ -336,31 +345,18 @@ def test_a_finetune_trial_whose_worker_dies_continues_from_its_checkpoint(tmp_pa
                                                                          capsys):
     """A finetuning trial SIGKILLed after its round-2 checkpoint is retried by Tune in mode "resume" from that
     checkpoint: it ends with every round logged exactly once in metrics.csv, result.json and progress.csv."""
-    import threading
-
     sweep = load_sweep(CONFIGS / "quickstart.yaml", [
         f"finetune.checkpoint={tiny_bc_iql_run}", "finetune.advantage=gae", "finetune.update=ppo",
         "finetune.iterations=5", "finetune.steps_per_iter=4", "finetune.eval_every=1", "finetune.eval_episodes=1",
         "env.num_envs=1", "run.tensorboard=false", "sweep.max_failures=1", "sweep.name=ft_retry"],
         log=lambda *a: None)
     exp = tmp_path / "ft_retry"
-    killed = []
 
-    def kill_once() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            try:
-                trial_dir, = [p for p in exp.iterdir() if p.is_dir() and (p / "sweep_trial.json").exists()]
-                if (trial_dir / "checkpoints" / "8" / "model.safetensors").exists():
-                    pid = json.loads((trial_dir / "sweep_trial.json").read_text())["attempts"][0]["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
+    def after_round_2() -> Any:
+        trial_dir, = [p for p in exp.iterdir() if p.is_dir() and (p / "sweep_trial.json").exists()]
+        return trial_dir if (trial_dir / "checkpoints" / "8" / "model.safetensors").exists() else None
 
-    watcher = threading.Thread(target=kill_once, daemon=True)
-    watcher.start()
+    watcher, killed = _kill_first_attempt_when(after_round_2, 300)
     assert run_sweep(sweep, tmp_path) == 0
     watcher.join()
     trial_dir, = [p for p in exp.iterdir() if p.is_dir() and (p / "sweep_trial.json").exists()]
