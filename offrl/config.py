@@ -443,6 +443,8 @@ class FinetuneConfig(_Checked):
     sac_target_entropy: Optional[float] = _f(None, "sac: target entropy of the temperature tuning (null: "
                                                    "-act_dim / 2, RLPD's choice).")
     sac_tau: float = _f(0.005, "sac: Polyak rate of the target Q networks.")
+    sac_bound_coef: float = _f(1.0, "sac: weight of the penalty ||mu - clip(mu)||^2 that keeps the actor's mean "
+                                    "near the action bounds (clip squashing; 0 disables).")
     eval_every: int = _f(5, "Deterministic evaluation every K rounds (and before the first and after the last).")
     eval_episodes: int = _f(20, "Episodes per evaluation.")
 
@@ -483,6 +485,8 @@ class FinetuneConfig(_Checked):
                 raise ConfigError("sac_init_alpha", f"must be > 0, got {self.sac_init_alpha}")
             if not 0 < self.sac_tau <= 1:
                 raise ConfigError("sac_tau", f"must be in (0, 1], got {self.sac_tau}")
+            if self.sac_bound_coef < 0:
+                raise ConfigError("sac_bound_coef", f"must be >= 0, got {self.sac_bound_coef}")
         elif self.replay and self.advantage not in ("iql", "sarsa"):
             raise ConfigError("replay", f"the replay path trains critics off-policy, so it needs advantage iql or "
                                         f"sarsa, got {self.advantage} (GAE and MC are on-policy: use bc_coef)")

@@ -75,6 +75,12 @@ class RoundLearner:
                 out["round_kl"] = float(torch.distributions.kl_divergence(probe[1], after).sum(-1).mean())
         return out
 
+    def bc_loss(self, n: int) -> torch.Tensor:
+        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term)."""
+        off = self.offline
+        idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
+        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx]).mean()
+
     def generators(self) -> dict[str, torch.Generator]:
         return {"finetune": self.gen}
 
@@ -169,12 +175,6 @@ class FinetuneLearner(RoundLearner):
         out = {k: float(np.mean(v)) for k, v in hist.items()}
         out["epochs"] = float(epochs_done)
         return out
-
-    def bc_loss(self, n: int) -> torch.Tensor:
-        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term)."""
-        off = self.offline
-        idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
-        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx]).mean()
 
     def _actor_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The update rule's loss on a minibatch (plus the BC term when ``bc_coef > 0``)."""

@@ -69,3 +69,24 @@ def test_temperature_falls_when_the_policy_is_more_random_than_the_target():
     a0 = lr.critics.log_alpha.exp().item()
     lr.update_replay()
     assert lr.critics.log_alpha.exp().item() < a0
+
+
+def _rising(n, g):
+    """One-step episodes whose reward rises with the action (best at the bound +1)."""
+    b = _bandit(n, g)
+    b["rewards"] = b["actions"][:, 0].clone()
+    return b
+
+
+def test_the_bound_penalty_keeps_the_mean_near_the_action_bounds():
+    """With the straight-through clip a Q that rises with the action drags the mean ever further past the
+    bound; sac_bound_coef's penalty ||mu - clip(mu)||^2 holds it near the bound."""
+    means = {}
+    for coef in (0.0, 1.0):
+        lr = _learner(updates_per_round=600, sac_bound_coef=coef)
+        g = torch.Generator().manual_seed(4)
+        lr.replay.add(_rising(2048, g))
+        lr.update_replay()
+        means[coef] = lr.actor.dist(torch.randn(256, 2, generator=g)).mean.mean().item()
+    assert means[1.0] > 0.8  # it still goes to the best action
+    assert means[1.0] < 1.6 < means[0.0], means
