@@ -59,13 +59,15 @@ class Comparison:
             strata = "no task strata"
         lines = [f"### {self.metric}: final performance by {' × '.join(self.by) if self.by else 'all trials'}", "",
                  f"{len(self.trials)} trials in {len(self.table)} groups. Final = last logged value per trial; "
-                 f"AUC = area under the learning curve / step range, averaged over trials; P(> baseline) = "
+                 f"AUC = area under the learning curve / step range, averaged over trials; "
+                 f"{'P(> start)' if self.baseline == START else 'P(> baseline)'} = "
                  + (f"P(X > Y) + 0.5 P(X = Y) over pairs of (final, start) values of each group's own trials "
                     f"(start = a trial's first logged value). " if self.baseline == START else
                     f"P(X > Y) + 0.5 P(X = Y) over pairs of trials against the baseline `{self.baseline}`. ") +
                  f"{pct} bootstrap CIs in brackets ({self.reps} resamples of trials, {strata}, seed {self.seed}).",
                  ""]
-        head = (self.by or [GROUP]) + ["trials"] + [h for _, h, _ in FINAL_STATS] + ["AUC", "P(> baseline)"]
+        head = (self.by or [GROUP]) + ["trials"] + [h for _, h, _ in FINAL_STATS] + [
+            "AUC", "P(> start)" if self.baseline == START else "P(> baseline)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h == "trials" else "---" for h in head) + "|"]
         for _, row in self.table.iterrows():
             cells = [format_value(row[c]).replace("|", "\\|") for c in self.by] if self.by else [row[GROUP]]

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.figure import Figure  # noqa: E402
 
-from offrl.stats.compare import FINAL_STATS, GROUP, STEP, Comparison, format_value  # noqa: E402
+from offrl.stats.compare import FINAL_STATS, GROUP, START, STEP, Comparison, format_value  # noqa: E402
 
 _LINESTYLES = ("-", "--", "-.", ":")
 _MAX_LABEL = 40  # characters of a group's name in a legend or tick label
@@ -65,13 +65,14 @@ def intervals_figure(cmp: Comparison) -> Figure:
                              figsize=(3.0 * len(panels) + 1.5, 0.45 * len(t) + 1.6))
     for ax, (key, name) in zip(axes, panels):
         for yi, (_, row), color in zip(y, t.iterrows(), colors):
-            if key == "poi" and row[GROUP] == cmp.baseline:
+            if key == "poi" and row[GROUP] == cmp.baseline and cmp.baseline != START:
                 ax.text(0.5, yi, "baseline", ha="center", va="center", fontsize=9, color="gray")
                 continue
             ax.plot([row[key + "_lo"], row[key + "_hi"]], [yi, yi], color=color, lw=9, alpha=0.55,
                     solid_capstyle="butt")
             ax.plot([row[key]], [yi], marker="|", color="black", ms=14, mew=2)
-        ax.set_title(name if key != "poi" else f"P(> {short[cmp.baseline]})", fontsize=10)
+        base = "start" if cmp.baseline == START else short[cmp.baseline]
+        ax.set_title(name if key != "poi" else f"P(> {base})", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         ax.set_ylim(-0.7, len(t) - 0.3)
         if key == "poi":

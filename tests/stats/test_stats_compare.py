@@ -135,5 +135,10 @@ def test_baseline_start_compares_each_group_with_its_own_first_values(tmp_path):
     assert table.loc["algo=up", "poi"] == pytest.approx(2 / 3)
     assert table.loc["algo=down", "poi"] == pytest.approx(0.5 / 3)
     md = cmp.markdown()
+    from offrl.cli import main
+
+    assert main(["stats", "compare", str(tmp_path), "--by", "algo", "--baseline", "start", "--reps", "50",
+                 "--out", str(tmp_path / "stats")]) == 0  # the CLI writes its tables and plots too
+    assert (tmp_path / "stats" / "compare_eval_success_rate_intervals.png").stat().st_size > 0
     assert "own trials" in md
     assert all("| baseline |" not in ln for ln in md.splitlines()[6:])  # no group is the baseline
