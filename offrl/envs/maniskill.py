@@ -96,10 +96,8 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
     kwargs.update(extra or {})
     try:
         env = gym.make(env_id, **kwargs)
-    except (AssertionError, ValueError, KeyError, NotImplementedError, TypeError) as e:
+    except (AssertionError, ValueError, KeyError, NotImplementedError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, TypeError) and sim_config:  # e.g. an unknown field in env.sim_config
-            msg = f"env.sim_config {sim_config!r} was refused: {msg}"
         raise OffrlError(f"cannot build {env_id} (control_mode={control_mode}, obs_mode={obs_mode}, "
                          f"reward_mode={reward_mode}, sim_backend={sim_backend}): {msg}") from None
     except RuntimeError as e:
@@ -108,7 +106,7 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
                              "(Mesa >= 24.3 lavapipe on CPU machines)") from None
         raise
     except Exception as e:  # ManiSkill checks sim_config with dacite (strict): an unknown or mistyped field
-        if type(e).__module__.split(".")[0] != "dacite":
+        if not sim_config or not (isinstance(e, TypeError) or type(e).__module__.split(".")[0] == "dacite"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OffrlError(f"cannot build {env_id}: env.sim_config {sim_config!r} was refused: {msg}") from None
