@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides of the checkpoint's config, e.g. env.num_envs=8 cluster.num_hosts=2 "
                          "eval.deterministic=false; for a diffusion policy also its sampler, e.g. "
-                         "diffusion.scheduler=ddpm diffusion.inference_steps=100")
+                         "diffusion.scheduler=ddpm diffusion.inference_steps=100; for a sequence policy (mlp_chunk, "
+                         "diffusion) the executed actions per replanning, e.g. policy.action_horizon=12")
     ev.set_defaults(func=cmd_eval)
 
     ft = sub.add_parser("finetune", help="online finetuning: advantage {gae, mc, iql, sarsa} x update {ppo, awr, push_away, sac}",

@@ -115,6 +115,10 @@ class PolicyConfig(_Checked):
     pred_horizon: int = _f(16, "Tp: actions predicted per replanning (mlp_chunk, diffusion).")
     action_horizon: int = _f(8, "Ta: predicted actions executed open-loop before replanning, from the current "
                                 "step on (mlp_chunk, diffusion); needs Ta <= Tp - To + 1.")
+    end_padding: Literal["last", "hold"] = _f(
+        "last", "Training windows past an episode's end (mlp_chunk, diffusion): last repeats the last action "
+                "(Chi et al.); hold keeps the arm of a delta controller still (zero on every action dimension "
+                "but the last, the gripper, which repeats), as ManiSkill's Diffusion Policy baseline does.")
 
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):

@@ -43,6 +43,7 @@ def test_yaml_and_overrides(tmp_path):
     ("policy.obs_horizon=0", "policy.obs_horizon", "must be >= 1"),
     ("policy.kind=transformer", "policy.kind", "one of 'mlp', 'mlp_chunk', 'diffusion'"),
     ("diffusion.scheduler=euler", "diffusion.scheduler", "one of 'ddim', 'ddpm'"),
+    ("policy.end_padding=zero", "policy.end_padding", "one of 'last', 'hold'"),
     ("diffusion.inference_steps=200", "diffusion.inference_steps", "train_steps=100"),
     ("diffusion.groups=3", "diffusion.groups", "divide every width"),
     ("diffusion.ema_decay=nan", "diffusion.ema_decay", "finite number"),

@@ -4,8 +4,10 @@ Both map an observation history ``obs_seq [B, To, obs_dim]`` to an action sequen
 (Chi et al., RSS 2023; Zhao et al., RSS 2023 for chunking). The window of a sample whose current step is
 ``t`` covers observations ``t - To + 1 .. t`` and actions ``t - To + 1 .. t - To + Tp``; a policy runs the
 ``Ta`` actions from index ``To - 1`` on (the first one is the action for step ``t``) and then replans
-(receding horizon). At an episode's start the first observation (and action) is repeated; past its end
-the last action is repeated (Chi et al.'s padding).
+(receding horizon). At an episode's start the first observation (and action) is repeated. Past its end the
+last action is repeated (``end_padding="last"``, Chi et al.'s padding), or the arm of a delta controller is
+held still: zero on every action dimension but the last (the gripper), which repeats (``"hold"``, ManiSkill's
+Diffusion Policy baseline).
 
 Normalisation, both saved with the model as buffers of its ``normalizer`` submodule:
 * observations: ``(o - mean) / std`` (std floored at 1e-2, so constant columns stay finite);
@@ -28,14 +30,20 @@ from offrl.algos.networks import mlp
 SEQUENCE_KINDS = ("mlp_chunk", "diffusion")
 
 
+END_PADDINGS = ("last", "hold")
+
+
 def make_windows(episodes: Sequence[tuple[np.ndarray, np.ndarray]], obs_horizon: int,
-                 pred_horizon: int) -> dict[str, torch.Tensor]:
+                 pred_horizon: int, end_padding: str = "last") -> dict[str, torch.Tensor]:
     """Training windows from ``(obs [T+1, d], actions [T, a])`` episodes: one per action step.
 
     Returns ``obs_seq [N, To, d]`` and ``act_seq [N, Tp, a]`` float32, plus ``episode [N]`` and ``step [N]``
-    (the current step ``t`` of each window). Indices before 0 repeat the first row, actions past ``T - 1``
-    repeat the last action.
+    (the current step ``t`` of each window). Indices before 0 repeat the first row. Actions past ``T - 1``
+    repeat the last action (``end_padding="last"``) or are ``[0, ..., 0, a_{T-1}[-1]]`` (``"hold"``: the
+    arm of a delta controller stays still, the gripper keeps its last command).
     """
+    if end_padding not in END_PADDINGS:
+        raise ValueError(f"unknown end_padding {end_padding!r} ({' or '.join(END_PADDINGS)})")
     To, Tp = int(obs_horizon), int(pred_horizon)
     obs_w, act_w, ep_w, st_w = [], [], [], []
     for e, (obs, act) in enumerate(episodes):
@@ -44,9 +52,12 @@ def make_windows(episodes: Sequence[tuple[np.ndarray, np.ndarray]], obs_horizon:
             continue
         t = np.arange(T)
         oi = np.clip(t[:, None] + np.arange(-To + 1, 1)[None, :], 0, T - 1)       # [T, To]
-        ai = np.clip(t[:, None] + np.arange(-To + 1, Tp - To + 1)[None, :], 0, T - 1)  # [T, Tp]
+        raw = t[:, None] + np.arange(-To + 1, Tp - To + 1)[None, :]                   # [T, Tp]
+        seq = act[np.clip(raw, 0, T - 1)]
+        if end_padding == "hold":
+            seq[raw > T - 1, :-1] = 0.0
         obs_w.append(obs[oi])
-        act_w.append(act[ai])
+        act_w.append(seq)
         ep_w.append(np.full(T, e, np.int64))
         st_w.append(t)
     if not obs_w:

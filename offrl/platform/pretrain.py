@@ -229,8 +229,11 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     bonus = success_bonus(cfg, ds if cds is None else cds) if pc.critic_mode else 0.0
     cdata = cvdata = None
     if seq:
-        data = sequence_tensors(train, cfg.policy)
-        vdata = sequence_tensors(val, cfg.policy) if val is not None else None
+        pad = cfg.policy.end_padding
+        log(f"[pretrain] sequence windows: To={cfg.policy.obs_horizon}, Tp={cfg.policy.pred_horizon}, "
+            f"end padding {pad}")
+        data = sequence_tensors(train, cfg.policy, pad)
+        vdata = sequence_tensors(val, cfg.policy, pad) if val is not None else None
     elif cds is not None:
         ctrain, cval = _split(cds, pc.val_fraction, cfg.seed)
         data = training_tensors(train, pc.gamma, None)
@@ -404,11 +407,12 @@ def _check_sizes(spec: Optional[dict], obs_dim: int, act_dim: int, what: str, cf
                          f"and obs_mode {cfg.env.obs_mode} ({spec['obs_dim']}/{spec['act_dim']})")
 
 
-def sequence_tensors(ds: Any, policy_cfg: Any) -> dict[str, torch.Tensor]:
+def sequence_tensors(ds: Any, policy_cfg: Any, end_padding: str = "last") -> dict[str, torch.Tensor]:
     """Training windows of a sequence policy (see :func:`offrl.algos.sequence.make_windows`)."""
     from offrl.algos.sequence import make_windows
 
-    w = make_windows([(e.obs, e.actions) for e in ds.episodes], policy_cfg.obs_horizon, policy_cfg.pred_horizon)
+    w = make_windows([(e.obs, e.actions) for e in ds.episodes], policy_cfg.obs_horizon, policy_cfg.pred_horizon,
+                     end_padding)
     return {"obs_seq": w["obs_seq"], "act_seq": w["act_seq"]}
 
 
@@ -455,6 +459,17 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
             log(f"[offrl] sampling with {sampler['scheduler']} x {sampler['inference_steps']} steps (trained with "
                 f"{arch.get('scheduler')} x {arch.get('inference_steps')})")
             arch = {**arch, **sampler}
+    acting = None
+    if arch.get("kind") in ("mlp_chunk", "diffusion"):  # acting is not training: Ta may change
+        acting = {"action_horizon": cfg.policy.action_horizon}
+        if arch.get("action_horizon") != cfg.policy.action_horizon:
+            ta_max = arch["pred_horizon"] - arch["obs_horizon"] + 1
+            if not 1 <= cfg.policy.action_horizon <= ta_max:
+                raise OffrlError(f"policy.action_horizon={cfg.policy.action_horizon} does not fit this checkpoint: "
+                                 f"it must be in [1, Tp - To + 1 = {ta_max}]")
+            log(f"[offrl] executing {cfg.policy.action_horizon} actions per replanning (trained with "
+                f"Ta={arch.get('action_horizon')})")
+            arch = {**arch, "action_horizon": cfg.policy.action_horizon}
     actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
     # the env is built once here, before Ray starts: a bad control mode or a checkpoint made for another
@@ -472,7 +487,8 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     finally:
         pool.shutdown()
     extra = {"checkpoint": str(ckpt), "protocol": eval_protocol(cfg), "policy": arch.get("kind", "mlp"), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
-             "control_mode": cfg.env.control_mode, "seconds": dt, **({"sampler": sampler} if sampler else {})}
+             "control_mode": cfg.env.control_mode, "seconds": dt, **({"sampler": sampler} if sampler else {}),
+             **({"acting": acting} if acting else {})}
     run_dir = find_run_dir(ckpt)
     path = Path(out) if out else (run_dir / "eval.json" if run_dir else ckpt / "eval.json")
     write_eval_json(path, summary, extra)

@@ -24,6 +24,21 @@ def test_windows_pad_the_start_with_the_first_row_and_the_end_with_the_last_acti
     assert w["step"].tolist() == [0, 1, 2] and w["episode"].tolist() == [0, 0, 0]
 
 
+def test_hold_padding_keeps_the_arm_still_and_the_gripper_command_past_the_end():
+    # T = 3 actions of [dx, gripper]: dx = 1, 2, 3 and gripper = -1 (closed) throughout
+    obs = np.zeros((4, 1), np.float32)
+    act = np.array([[1.0, -1.0], [2.0, -1.0], [3.0, -1.0]], np.float32)
+    w = make_windows([(obs, act)], obs_horizon=2, pred_horizon=4, end_padding="hold")
+    # t = 2: actions 1..4 -> a_1, a_2, then two padded steps: arm delta 0, gripper -1 (the last command)
+    assert w["act_seq"][2].tolist() == [[2.0, -1.0], [3.0, -1.0], [0.0, -1.0], [0.0, -1.0]]
+    # t = 0 is not padded at the end: [a_0 (start padding), a_0, a_1, a_2]
+    assert w["act_seq"][0].tolist() == [[1.0, -1.0], [1.0, -1.0], [2.0, -1.0], [3.0, -1.0]]
+    last = make_windows([(obs, act)], obs_horizon=2, pred_horizon=4, end_padding="last")
+    assert last["act_seq"][2].tolist() == [[2.0, -1.0], [3.0, -1.0], [3.0, -1.0], [3.0, -1.0]]
+    with pytest.raises(ValueError, match="end_padding"):
+        make_windows([(obs, act)], 2, 4, end_padding="zero")
+
+
 def test_executed_actions_start_at_the_current_step():
     net = ChunkedMLP(1, 1, obs_horizon=2, pred_horizon=4, action_horizon=2)
     seq = torch.arange(4.0).view(1, 4, 1)

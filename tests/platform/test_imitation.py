@@ -100,16 +100,22 @@ def test_diffusion_pretrain_resumes_exactly_and_evaluates(tmp_path, expert_datas
     assert {"actor.normalizer.act_min", "actor.normalizer.act_max", "actor.normalizer.obs_mean"} <= set(norm)
     ev = json.loads((straight / "eval.json").read_text())
     assert ev["evaluated"] == "last (epoch 3)" and ev["episodes"] == 2
-    # offrl eval loads it unchanged and says which protocol it used; the sampler may be switched at eval
+    # offrl eval loads it unchanged and says which protocol it used; the sampler and the executed horizon
+    # may be switched at eval
     r = run_cli("eval", str(straight), "--episodes", "2", "cluster.num_cpus=1", "cluster.num_hosts=1",
                 "eval.ignore_terminations=true", "env.max_episode_steps=20", "diffusion.scheduler=ddpm",
-                "diffusion.inference_steps=20", timeout=300)
+                "diffusion.inference_steps=20", "policy.action_horizon=2", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "terminations ignored" in r.stdout and "max_episode_steps=20" in r.stdout
     assert "sampling with ddpm x 20 steps (trained with ddim x" in r.stdout
+    assert "executing 2 actions per replanning (trained with Ta=4)" in r.stdout
     ev = json.loads((straight / "eval.json").read_text())
     assert ev["policy"] == "diffusion" and [e["length"] for e in ev["per_episode"]] == [20, 20]
     assert ev["sampler"] == {"scheduler": "ddpm", "inference_steps": 20}
+    assert ev["acting"] == {"action_horizon": 2}
+    # a horizon the checkpoint's Tp and To cannot hold: one line naming the key, before Ray starts
+    r = run_cli("eval", str(straight), "policy.action_horizon=8", timeout=120)
+    assert r.returncode == 2 and "policy.action_horizon" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # a diffusion policy cannot start PPO/AWR finetuning: one clear error
     r = run_cli("finetune", "tune_configs/finetune.yaml", f"finetune.checkpoint={straight}",
                 f"run.root={tmp_path}", timeout=120)
