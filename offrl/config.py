@@ -74,6 +74,9 @@ class ClusterConfig(_Checked):
     gpus_per_host: float = _f(0.0, "GPUs reserved by each SimHost actor (backend gpu defaults to 1 when 0).")
     max_restarts: int = _f(3, "Times a killed SimHost is restarted (its interrupted call is redone).")
     torch_threads: int = _f(1, "torch threads inside each SimHost (1 avoids oversubscribing cores).")
+    placement: Literal["spread", "default"] = _f(
+        "spread", "Where SimHosts go on a multi-node cluster: spread puts them on as many nodes as possible "
+                  "(Ray's SPREAD strategy); default leaves it to Ray's scheduler, which fills one node first.")
 
     def check(self) -> None:
         if self.num_hosts < 0:

@@ -54,6 +54,12 @@ class SimHostImpl:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (hex id)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def spec(self) -> dict:
         s = self.sim
         return {"num_envs": s.num_envs, "obs_dim": s.obs_dim, "act_dim": s.act_dim,
@@ -149,12 +155,29 @@ class SimHostPool:
             what = f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU"
             raise OffrlError(f"the Ray cluster has no room for a SimHost ({what} each); "
                              f"free resources: {ray.available_resources()}")
-        cls = _remote_cls().options(num_cpus=cpus, num_gpus=gpus, max_restarts=cluster_cfg.max_restarts,
+        opts: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=cluster_cfg.max_restarts,
                                     max_task_retries=-1)
+        strategy = self.scheduling_strategy(cluster_cfg.placement)
+        if strategy is not None:  # a restarted actor (process or node died) is placed again the same way
+            opts["scheduling_strategy"] = strategy
+        cls = _remote_cls().options(**opts)
         env_dict = to_dict(env_cfg)
         self.hosts = [cls.remote(env_dict, seed, cluster_cfg.torch_threads, i) for i in range(n)]
         self.specs = self._get([h.spec.remote() for h in self.hosts])
         self.spec = self.specs[0]
+
+    @staticmethod
+    def scheduling_strategy(placement: str) -> Optional[str]:
+        """Ray's strategy for the SimHost actors: SPREAD for ``placement="spread"``, except inside a
+        placement group that captures child actors (a Tune trial's), whose bundles already hold them."""
+        import ray
+
+        if placement != "spread":
+            return "DEFAULT"
+        if (ray.util.get_current_placement_group() is not None
+                and ray.get_runtime_context().should_capture_child_tasks_in_placement_group):
+            return None
+        return "SPREAD"
 
     @staticmethod
     def auto_size(cpus_per_host: float, gpus_per_host: float) -> int:
@@ -220,6 +243,10 @@ class SimHostPool:
 
     def pids(self) -> list[int]:
         return self.call("pid")
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of every host, in host order."""
+        return self.call("node_id")
 
     def shutdown(self, wait_s: float = 10.0) -> None:
         """Kill the actors and wait (up to ``wait_s``) until Ray has given their resources back, so a

@@ -124,7 +124,7 @@ def _record_attempt(run_dir: Path, mode: str, ckpt_step: Optional[int]) -> None:
     pg = ray.util.get_current_placement_group()
     data["attempts"].append({
         "mode": mode, "checkpoint_step": ckpt_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+        "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
         "placement_group": pg.id.hex() if pg is not None else None,
         "bundles": pg.bundle_specs if pg is not None else None,
         "capture_child_tasks": ray.get_runtime_context().should_capture_child_tasks_in_placement_group,
