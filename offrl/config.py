@@ -309,6 +309,13 @@ class PretrainConfig(_Checked):
     select: Literal["auto", "best", "last"] = _f(
         "auto", "Which policy the final evaluation scores: best (lowest validation loss), last, or auto "
                 "(best for mlp / mlp_chunk; last for diffusion, whose noise-prediction loss ranks checkpoints poorly).")
+    workers: int = _f(1, "Data-parallel training workers: N > 1 runs the training loop in a Ray Train TorchTrainer "
+                         "(gloo on CPU, NCCL on GPU); each worker takes batch_size rows of every step, so the global "
+                         "batch is workers x batch_size. 1 trains in this process.")
+    worker_cpus: float = _f(1.0, "CPUs reserved by each data-parallel worker (pretrain.workers > 1).")
+    worker_gpu: bool = _f(False, "Give each data-parallel worker a GPU (NCCL); needs GPUs in the Ray cluster.")
+    worker_failures: int = _f(3, "Times Ray Train restarts the worker group after a worker dies; it continues from "
+                                 "the run's latest checkpoint (pretrain.workers > 1).")
 
     def check(self) -> None:
         if self.algo not in PRETRAIN_ALGOS:
@@ -318,6 +325,12 @@ class PretrainConfig(_Checked):
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.steps_per_epoch < 0:
             raise ConfigError("steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
+        if self.worker_cpus <= 0:
+            raise ConfigError("worker_cpus", f"must be > 0, got {self.worker_cpus}")
+        if self.worker_failures < 0:
+            raise ConfigError("worker_failures", f"must be >= 0, got {self.worker_failures}")
         if self.num_episodes is not None and self.num_episodes < 1:
             raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
         if self.critic_dataset and not self.critic_mode:

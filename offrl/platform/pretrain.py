@@ -199,8 +199,13 @@ def _resolve_env(cfg: Any, ds: Any, log: Any, explicit: Collection[str] = ()) ->
 def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str] = None,
                      init_parts: Optional[Sequence[str]] = None, log: Any = print,
                      reporter: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
-                     exist_ok: bool = False, explicit: Collection[str] = ()) -> Path:
+                     exist_ok: bool = False, explicit: Collection[str] = (),
+                     _worker: Optional[dict] = None) -> Path:
     """Train offline on ``cfg.pretrain.dataset``; evaluate in simulation; write a run directory.
+
+    ``pretrain.workers > 1`` runs the training loop data-parallel in a Ray Train ``TorchTrainer`` (see
+    :func:`_run_data_parallel`); ``_worker`` (``{"rank", "world", "pool"}``) is how each of its workers calls
+    this function: rank 0 logs, checkpoints and evaluates, every rank takes its share of each global batch.
 
     ``reporter(step, metrics, checkpoint_dir_or_None)`` is called after every logged row (Ray Tune
     trials report through it); ``exist_ok`` lets the run directory pre-exist (a Tune trial folder).
@@ -217,6 +222,11 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     from offrl.platform.simhost import SimHostPool
 
     pc = cfg.pretrain
+    if pc.workers > 1 and _worker is None:
+        return _run_data_parallel(cfg, resume=resume, init_from=init_from, init_parts=init_parts, log=log,
+                                  reporter=reporter, exist_ok=exist_ok, explicit=explicit)
+    rank, world = (_worker["rank"], _worker["world"]) if _worker else (0, 1)
+    lead = rank == 0  # the worker that logs, checkpoints and evaluates
     seq = cfg.policy.is_sequence
     if seq and pc.algo != "bc":
         raise OffrlError(f"policy.kind={cfg.policy.kind} trains with pretrain.algo=bc only (got {pc.algo}); "
@@ -267,12 +277,15 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             raise OffrlError(f"--resume: no checkpoint in {ckpt_root}")
 
     needs_sim = pc.trains_actor
-    if needs_sim:  # the task is checked in this process before Ray starts (one line, no actor traceback)
+    if needs_sim and _worker is None:  # the task is checked here before Ray starts (one line, no actor traceback)
         _check_sizes(probe_env(cfg.env), ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
     pool = None
     created = False
     try:
-        if needs_sim:
+        if _worker is not None:  # the driver made the pool; its actor handles came with the worker's config
+            pool = _worker.get("pool") if lead else None
+            low, high = _worker["action_low"], _worker["action_high"]
+        elif needs_sim:
             init_ray(cfg.cluster)
             pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
             low, high = pool.spec["action_low"], pool.spec["action_high"]
@@ -280,7 +293,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         else:
             low, high = [-1.0] * ds.act_dim, [1.0] * ds.act_dim
         bs = min(pc.batch_size, n)
-        steps_per_epoch = pc.steps_per_epoch or max(1, n // bs)
+        G = bs * world  # the global batch: every worker takes bs rows of it
+        steps_per_epoch = pc.steps_per_epoch or max(1, n // G)
         learner, arch = build_learner(cfg, ds.obs_dim, ds.act_dim, low, high, total_steps=pc.epochs * steps_per_epoch)
         start_epoch = 0
         if resume:
@@ -289,11 +303,13 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             learner.load_extra_state(state)
             start_epoch = int(state["step"])
             best = state.get("best_val", math.inf)
-            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
-            logger.truncate_after(start_epoch)
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard) if lead else None
+            if logger is not None:
+                logger.truncate_after(start_epoch)
             log(f"[offrl] resuming {run_dir} from epoch {start_epoch}")
         else:
-            run_dir = create_run_dir(cfg, exist_ok=exist_ok)
+            if lead:
+                run_dir = create_run_dir(cfg, exist_ok=exist_ok)
             created = not exist_ok
             ckpt_root = run_dir / "checkpoints"
             if seq:
@@ -305,7 +321,9 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                 load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
                 log(f"[offrl] initialised {', '.join(parts)} from {init_from}")
             best = math.inf
-            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
+            logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard) if lead else None
+        if world > 1:  # every worker starts from rank 0's weights, as DistributedDataParallel does
+            _broadcast_modules(learner.modules())
 
         def checkpoint(root: Path, epoch: int, keep: int, best_val: float) -> None:
             save_checkpoint(root, epoch, learner.modules(), optimizers=learner.optimizers(),
@@ -321,28 +339,33 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         select = pc.select if pc.select != "auto" else ("last" if cfg.policy.kind == "diffusion" else "best")
         evaluated = f"last (epoch {pc.epochs})"
         val_key = "actor_val_loss" if learner.actor is not None else ("mc_error" if pc.critic_mode == "mc" else "td_error")
-        bar = progress(pc.epochs - start_epoch, f"pretrain {pc.algo}", cfg.run.progress, unit="epoch")
+        bar = progress(pc.epochs - start_epoch, f"pretrain {pc.algo}", cfg.run.progress and lead, unit="epoch")
         summary = None
         for epoch in range(start_epoch + 1, pc.epochs + 1):
             t0 = time.time()
-            need = steps_per_epoch * bs
+            need = steps_per_epoch * G
+            # the same generator on every worker: the same order, of which each worker takes its share
             perm = torch.cat([learner.permutation(n) for _ in range(-(-need // n))])
             if cdata is not None:  # the critics' own pass over their data
                 cbs = min(pc.batch_size, nc)
-                cperm = torch.cat([learner.permutation(nc, critics=True) for _ in range(-(-(steps_per_epoch * cbs) // nc))])
+                cperm = torch.cat([learner.permutation(nc, critics=True)
+                                   for _ in range(-(-(steps_per_epoch * cbs * world) // nc))])
             acc: dict[str, list[float]] = {}
             for i in range(steps_per_epoch):
-                idx = perm[i * bs:(i + 1) * bs]
+                idx = perm[i * G + rank * bs:i * G + (rank + 1) * bs]
                 batch = {k: x[idx] for k, x in data.items()}
                 if cdata is None:
                     m = learner.update(batch)
                 else:
-                    m = learner.update(batch, {k: x[cperm[i * cbs:(i + 1) * cbs]] for k, x in cdata.items()})
+                    cidx = cperm[(i * world + rank) * cbs:(i * world + rank + 1) * cbs]
+                    m = learner.update(batch, {k: x[cidx] for k, x in cdata.items()})
                 for k, v in m.items():
                     acc.setdefault(k, []).append(v)
             row = {_TRAIN_NAMES[k]: float(np.mean(v)) for k, v in acc.items() if k in _TRAIN_NAMES}
             row[M.TRAIN_GRAD_STEPS] = learner.step
             row[M.ITERATION_SECONDS] = time.time() - t0
+            if not lead:  # the other workers only take their share of the gradient steps
+                continue
             vm = ({} if vdata is None else learner.validate(vdata) if cvdata is None else learner.validate(vdata, cvdata))
             row.update({_VAL_NAMES[k]: v for k, v in vm.items() if k in _VAL_NAMES})
             if pool is not None and pc.eval_every and epoch % pc.eval_every == 0 and epoch != pc.epochs:
@@ -376,6 +399,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             bar.set_postfix(post)
             bar.update(1)
         bar.close()
+        if not lead:
+            return run_dir
         logger.close()
         if summary is not None:
             ev_ckpt = best_ckpt if evaluated.startswith("best") else ckpt_root / str(pc.epochs)
@@ -394,6 +419,153 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     except BaseException as e:
         if created and not resume and not isinstance(e, KeyboardInterrupt) and not any(ckpt_root.glob("[0-9]*")):
             discard_run_dir(run_dir)  # nothing worth keeping: leave no half-written run
+        raise
+    finally:
+        if pool is not None and _worker is None:  # a worker's pool belongs to the driver
+            pool.shutdown()
+
+
+def _broadcast_modules(modules: dict) -> None:
+    """Copy rank 0's parameters and buffers to every worker of the process group."""
+    import torch.distributed as dist
+
+    for m in modules.values():
+        for t in m.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def _pretrain_worker(config: dict) -> None:
+    """The training function of every Ray Train worker (``pretrain.workers > 1``).
+
+    It continues from the run's latest checkpoint when there is one: after Ray Train restarted the worker
+    group because a worker died, or under ``--resume``.
+    """
+    import ray.train
+
+    from offrl.algos.optim import data_parallel
+    from offrl.platform.checkpoint import latest_checkpoint
+
+    import os
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    if os.path.isdir(config["cwd"]):  # relative paths in the config mean what they meant to the driver
+        os.chdir(config["cwd"])
+    cfg = from_dict(config["cfg"])
+    run_dir = Path(cfg.run.root) / cfg.run.experiment / cfg.run.trial
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    resume = latest is not None
+    _record_workers(run_dir, rank, world, int(latest.name) if latest is not None else None)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    with data_parallel():
+        run_pretrain_job(cfg, resume=resume, init_from=None if resume else config["init_from"],
+                         init_parts=config["init_parts"], log=log, exist_ok=True,
+                         _worker={"rank": rank, "world": world, "pool": config["pool"],
+                                  "action_low": config["action_low"], "action_high": config["action_high"]})
+
+
+WORKERS_FILE = "train_workers.json"
+
+
+def _record_workers(run_dir: Path, rank: int, world: int, resumed_from: Optional[int]) -> None:
+    """Rank 0 appends this attempt of the worker group (pids, nodes, the checkpoint it continues from) to
+    ``train_workers.json``: a restart after a worker died shows up as a second attempt."""
+    import os
+
+    import ray
+    import torch.distributed as dist
+
+    me = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, me)
+    if rank != 0:
+        return
+    path = run_dir / WORKERS_FILE
+    data = json.loads(path.read_text()) if path.exists() else {"attempts": []}
+    data["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world,
+                             "resumed_from": resumed_from, "pids": [w["pid"] for w in everyone],
+                             "node_ids": [w["node_id"] for w in everyone]})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _run_data_parallel(cfg: Any, *, resume: bool, init_from: Optional[str], init_parts: Optional[Sequence[str]],
+                       log: Any, reporter: Any, exist_ok: bool, explicit: Collection[str]) -> Path:
+    """``pretrain.workers = N > 1``: the driver makes the run directory and the evaluation SimHosts, then a
+    ``ray.train.torch.TorchTrainer`` runs :func:`_pretrain_worker` on N workers (gloo on CPU, NCCL with
+    ``pretrain.worker_gpu``). A worker that dies makes Ray Train restart the group
+    (``FailureConfig(max_failures=pretrain.worker_failures)``); the restarted workers continue from the latest
+    checkpoint, so the run ends with the same number of gradient steps."""
+    import os
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from offrl.envs.maniskill import probe_env
+    from offrl.platform.checkpoint import latest_checkpoint
+    from offrl.platform.cluster import init_ray
+    from offrl.platform.rundir import create_run_dir, discard_run_dir, trial_name
+    from offrl.platform.simhost import SimHostPool
+
+    pc = cfg.pretrain
+    if reporter is not None:
+        raise OffrlError("pretrain.workers > 1 does not run inside a sweep trial yet; use pretrain.workers=1 there")
+    ds = _load_dataset(cfg)
+    cfg = _resolve_env(cfg, ds, log, explicit)
+    if not cfg.run.trial:
+        cfg = replace(cfg, **{"run.trial": trial_name()})
+    run_dir = Path(cfg.run.root) / cfg.run.experiment / cfg.run.trial
+    if resume and latest_checkpoint(run_dir / "checkpoints") is None:
+        raise OffrlError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    needs_sim = pc.trains_actor
+    if needs_sim:
+        _check_sizes(probe_env(cfg.env), ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
+    resources = init_ray(cfg.cluster)
+    need = pc.workers * pc.worker_cpus
+    if not cfg.cluster.address and need > resources.get("CPU", 0.0) + 1e-9:
+        raise OffrlError(f"pretrain.workers={pc.workers} x pretrain.worker_cpus={pc.worker_cpus:g} needs {need:g} CPUs; "
+                         f"this Ray cluster has {resources.get('CPU', 0.0):g} (lower pretrain.worker_cpus or "
+                         f"raise cluster.num_cpus)")
+    pool = created = None
+    try:
+        if needs_sim:
+            pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
+            _check_sizes(pool.spec, ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
+            low, high = pool.spec["action_low"], pool.spec["action_high"]
+        else:
+            low, high = [-1.0] * ds.act_dim, [1.0] * ds.act_dim
+        if not resume:
+            run_dir = create_run_dir(cfg, exist_ok=exist_ok)
+            created = not exist_ok
+        log(f"[offrl] data-parallel pretraining: {pc.workers} Ray Train workers x batch {pc.batch_size} = global "
+            f"batch {pc.workers * pc.batch_size} ({'NCCL on GPUs' if pc.worker_gpu else 'gloo on CPUs'})")
+        trainer = TorchTrainer(
+            _pretrain_worker,
+            train_loop_config={"cfg": to_dict(cfg), "pool": pool, "init_from": init_from, "init_parts": init_parts,
+                               "action_low": low, "action_high": high, "threads": pc.worker_cpus,
+                               "cwd": os.getcwd()},
+            scaling_config=ScalingConfig(num_workers=pc.workers, use_gpu=pc.worker_gpu,
+                                         resources_per_worker={"CPU": pc.worker_cpus,
+                                                               **({"GPU": 1} if pc.worker_gpu else {})}),
+            run_config=RunConfig(storage_path=str((run_dir / "ray_train").resolve()), name="train",
+                                 failure_config=FailureConfig(max_failures=pc.worker_failures)))
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray Train wraps the worker's error; show its one line
+            import re
+
+            m = re.search(r"OffrlError: ([^\n]+)", str(e))
+            raise OffrlError(m.group(1).strip() if m else
+                             f"data-parallel pretraining failed: {str(e).strip().splitlines()[0]}") from None
+        if not (run_dir / "pretrain_done.json").exists():
+            raise OffrlError(f"data-parallel pretraining stopped before its last epoch ({run_dir})")
+        log(f"[offrl] run directory: {run_dir}")
+        return run_dir
+    except BaseException as e:
+        if created and not isinstance(e, KeyboardInterrupt) and not any((run_dir / "checkpoints").glob("[0-9]*")):
+            discard_run_dir(run_dir)
         raise
     finally:
         if pool is not None:
