@@ -88,8 +88,13 @@ class SweepSpec(_Checked):
                              "ASHAScheduler, which stops trials whose metric is in the bottom 1 - 1/R at a rung; "
                              "times are in the trial's `step` units (finetune: env steps; pretrain: epochs); "
                              "metric/mode default to sweep.metric/mode. A stopped trial keeps its run directory.")
+    keep_checkpoints: Optional[int] = _f(None, "Tune's checkpoint copies kept per trial: the latest K (null: every "
+                                               "one). The run directory keeps its own latest checkpoints and, for "
+                                               "pretraining, the best one by validation loss (checkpoints/best).")
 
     def check(self) -> None:
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints", f"must be >= 1 or null, got {self.keep_checkpoints}")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
         if self.seeds is not None:
@@ -594,9 +599,10 @@ def _tuner_parts(sweep: Sweep, exp_dir: Path):
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent), verbose=0,
         failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
-        # every reported checkpoint is kept: with num_to_keep, Tune deletes a checkpoint that the experiment
-        # state saved on disk may still name, and a sweep resumed after a kill then fails to restore it
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        # with num_to_keep, Tune may delete a checkpoint that the experiment state saved on disk still names;
+        # a trial restored from such a state continues from its run directory's own latest checkpoint instead
+        # (sweep_trial.usable_checkpoint)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.spec.keep_checkpoints),
         callbacks=[JsonResultLog(), ProgressCsvLog(), SweepProgress(sweep.spec.metric, sweep.spec.mode)])
     return trainable, run_config
 

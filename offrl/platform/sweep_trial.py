@@ -66,7 +66,7 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
     checkpoint = tune.get_checkpoint()
-    ckpt_dir = Path(checkpoint.path) if checkpoint is not None else None
+    ckpt_dir = usable_checkpoint(Path(checkpoint.path) if checkpoint is not None else None, run_dir)
     ckpt_step = _checkpoint_step(ckpt_dir)
     if (run_dir / DONE_FILES[job]).exists():
         mode = "replay"
@@ -106,6 +106,18 @@ def _file_log(path: Path) -> Callable[[str], None]:
             f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
     return log
+
+
+def usable_checkpoint(tune_ckpt: Optional[Path], run_dir: Path) -> Optional[Path]:
+    """The checkpoint a restarted trial continues from: Tune's, or, when Tune has deleted that copy
+    (``sweep.keep_checkpoints``) after its saved experiment state named it, the run directory's own latest
+    checkpoint. That one is never older than Tune's, and every row up to it was reported (and logged by the
+    sweep's result logs), so continuing there neither repeats nor skips a step."""
+    if tune_ckpt is None or (tune_ckpt / "training_state" / "state.json").is_file():
+        return tune_ckpt
+    from offrl.platform.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints")
 
 
 def _checkpoint_step(ckpt_dir: Optional[Path]) -> Optional[int]:

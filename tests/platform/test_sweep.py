@@ -22,7 +22,7 @@ from offrl.config import from_dict
 from offrl.errors import ConfigError, OffrlError
 from offrl.platform.sweep import (SweepResources, load_sweep, parse_axes, run_sweep, trial_bundles, trial_dict,
                                   trial_dirname)
-from offrl.platform.sweep_trial import JsonResultLog, ProgressCsvLog, replay_metrics
+from offrl.platform.sweep_trial import JsonResultLog, ProgressCsvLog, replay_metrics, usable_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "tune_configs"
@@ -475,3 +475,42 @@ def test_sweep_killed_with_sigkill_then_resumed(tmp_path, expert_dataset, proces
         elif t.name in interrupted:
             assert modes[0] == "fresh" and modes[-1] in ("resume", "fresh") and len(modes) == 2
         assert (t / "pretrain_done.json").exists()
+
+
+def _mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def test_keep_checkpoints_bounds_tune_copies_per_trial(tmp_path, expert_dataset, ray_cluster, capsys):
+    """sweep.keep_checkpoints=1: each trial keeps one Tune copy instead of one per reported checkpoint; the run
+    directory keeps its own latest checkpoints, and the trials' logs are unchanged."""
+    sizes = {}
+    for keep in ("null", "1"):
+        name = f"keep_{keep}"
+        sweep = load_sweep(CONFIGS / "pretrain_sweep.yaml",
+                           _pretrain_sweep(expert_dataset, name, "[0]", f"sweep.keep_checkpoints={keep}",
+                                           "pretrain.keep_checkpoints=1"), log=lambda *a: None)
+        assert run_sweep(sweep, tmp_path) == 0
+        trial = tmp_path / name / "0000_seed=0"
+        copies = sorted(p.name for p in trial.glob("checkpoint_*"))
+        assert len(copies) == (5 if keep == "null" else 1), copies
+        assert [p.name for p in (trial / "checkpoints").glob("[0-9]*")] == ["5"]
+        assert _steps(trial) == ([1, 2, 3, 4, 5],) * 3
+        sizes[keep] = _mb(trial)
+    print(f"MB per trial: every Tune copy kept {sizes['null']:.2f}, sweep.keep_checkpoints=1 {sizes['1']:.2f}")
+    assert sizes["1"] < sizes["null"]
+
+
+def test_a_trial_whose_tune_copy_was_deleted_continues_from_its_own_checkpoint(tmp_path):
+    run = tmp_path / "trial"
+    for step in (2, 3):
+        (run / "checkpoints" / str(step) / "training_state").mkdir(parents=True)
+        (run / "checkpoints" / str(step) / "training_state" / "state.json").write_text(json.dumps({"step": step}))
+    tune_copy = run / "checkpoint_000001"
+    assert usable_checkpoint(tune_copy, run) == run / "checkpoints" / "3"  # Tune deleted it: the run's latest
+    (tune_copy / "training_state").mkdir(parents=True)
+    (tune_copy / "training_state" / "state.json").write_text(json.dumps({"step": 2}))
+    assert usable_checkpoint(tune_copy, run) == tune_copy
+    assert usable_checkpoint(None, run) is None
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        load_sweep(CONFIGS / "pretrain_sweep.yaml", ["sweep.keep_checkpoints=0"], log=lambda *a: None)
