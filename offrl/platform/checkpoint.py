@@ -181,11 +181,15 @@ def check_checkpoint(ckpt: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, parts: Optional[Iterable[str]] = None,
                     optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
-                    generators: Optional[Mapping[str, torch.Generator]] = None, restore_rng: bool = True) -> dict:
+                    generators: Optional[Mapping[str, torch.Generator]] = None, restore_rng: bool = True,
+                    keep_lr: bool = False) -> dict:
     """Load selected ``parts`` (default: every module given) into ``modules``; returns training state.
 
     Optimizers and RNG states are restored only when given/asked; ``parts=("actor",)`` loads the actor
-    alone (e.g. to start finetuning from a BC policy with fresh critics).
+    alone (e.g. to start finetuning from a BC policy with fresh critics). ``keep_lr``: the optimizers keep
+    the learning rates they were built with (the run's config) instead of the checkpoint's, unless a
+    learning-rate schedule is among ``optimizers`` (its state decides). A resume with an unchanged config is
+    unaffected; a resume with a changed rate (Population Based Training) trains with the new one.
     """
     p = resolve_checkpoint(path)
     try:
@@ -210,9 +214,14 @@ def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, parts
     state = checkpoint_json(p, "training_state/state.json")
     if optimizers:
         saved = torch.load(p / "training_state" / "optimizers.pt", weights_only=False)
+        scheduled = any(not isinstance(o, torch.optim.Optimizer) for o in optimizers.values())
         for k, o in optimizers.items():
             if k in saved:
+                lrs = [g["lr"] for g in o.param_groups] if isinstance(o, torch.optim.Optimizer) else None
                 o.load_state_dict(saved[k])
+                if keep_lr and lrs is not None and not scheduled:
+                    for g, lr in zip(o.param_groups, lrs):
+                        g["lr"] = lr
     if restore_rng:
         set_rng_state(torch.load(p / "training_state" / "rng.pt", weights_only=False), generators)
     state["path"] = str(p)

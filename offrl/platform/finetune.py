@@ -213,7 +213,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
 
         if resume_from is not None:
             state = load_checkpoint(resume_from, learner.modules(), optimizers=learner.optimizers(),
-                                    generators=learner.generators())
+                                    generators=learner.generators(), keep_lr=True)
             learner.load_extra_state(state)
             env_steps, it0 = int(state["env_steps"]), int(state["iteration"])
             rng.bit_generator.state = state["rng"]

@@ -299,7 +299,7 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         start_epoch = 0
         if resume:
             state = load_checkpoint(ckpt_root, learner.modules(), optimizers=learner.optimizers(),
-                                    generators=learner.generators())
+                                    generators=learner.generators(), keep_lr=True)
             learner.load_extra_state(state)
             start_epoch = int(state["step"])
             best = state.get("best_val", math.inf)

@@ -83,11 +83,15 @@ class SweepSpec(_Checked):
     resources: SweepResources = _sub(SweepResources)
     metric: str = _f(M.EVAL_SUCCESS_RATE, "Metric of the final summary (last logged value per trial).")
     mode: Literal["max", "min"] = _f("max", "Whether a higher (max) or lower (min) metric is better.")
-    scheduler: dict = _f({}, "Tune trial scheduler: {} (none: every trial runs to the end) or {asha: {metric: "
+    scheduler: dict = _f({}, "Tune trial scheduler: {} (none: every trial runs to the end); {asha: {metric: "
                              "..., mode: ..., grace_period: G, reduction_factor: R, max_t: T}} for Tune's "
-                             "ASHAScheduler, which stops trials whose metric is in the bottom 1 - 1/R at a rung; "
-                             "times are in the trial's `step` units (finetune: env steps; pretrain: epochs); "
-                             "metric/mode default to sweep.metric/mode. A stopped trial keeps its run directory.")
+                             "ASHAScheduler, which stops trials whose metric is in the bottom 1 - 1/R at a rung; or "
+                             "{pbt: {perturbation_interval: P, hyperparam_mutations: {key: [values] | {uniform: "
+                             "[lo, hi]}}, quantile_fraction: 0.25, resample_probability: 0.25, synch: false}} for "
+                             "Tune's PopulationBasedTraining: every P steps a trial in the bottom quantile continues "
+                             "from a top trial's checkpoint with mutated values. Times are in the trial's `step` "
+                             "units (finetune: env steps; pretrain: epochs); metric/mode default to "
+                             "sweep.metric/mode. A stopped trial keeps its run directory.")
     keep_checkpoints: Optional[int] = _f(None, "Tune's checkpoint copies kept per trial: the latest K (null: every "
                                                "one). The run directory keeps its own latest checkpoints and, for "
                                                "pretraining, the best one by validation loss (checkpoints/best).")
@@ -113,18 +117,23 @@ class SweepSpec(_Checked):
         asha_settings(self)  # names a bad scheduler key before Ray starts
 
 
-SCHEDULERS = ("asha",)
+SCHEDULERS = ("asha", "pbt")
 _ASHA_KEYS = {"metric": str, "mode": str, "grace_period": float, "reduction_factor": float, "max_t": float}
+_PBT_KEYS = {"metric": str, "mode": str, "perturbation_interval": float, "hyperparam_mutations": dict,
+             "quantile_fraction": float, "resample_probability": float, "synch": bool}
 
 
 def asha_settings(spec: "SweepSpec") -> Optional[dict]:
-    """Validated ``sweep.scheduler.asha`` settings with defaults filled in (None: no scheduler)."""
+    """Validated ``sweep.scheduler.asha`` settings with defaults filled in (None: no scheduler, or PBT);
+    a ``pbt`` scheduler is validated too (:func:`pbt_settings`)."""
     raw = spec.scheduler
     if not raw:
         return None
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in SCHEDULERS:
-        raise ConfigError("scheduler", f"expected {{}} or {{asha: {{...}}}}, got {raw!r}"
-                          + (" (pbt is not supported yet)" if isinstance(raw, dict) and "pbt" in raw else ""))
+        raise ConfigError("scheduler", f"expected {{}}, {{asha: {{...}}}} or {{pbt: {{...}}}}, got {raw!r}")
+    if "pbt" in raw:
+        pbt_settings(spec)
+        return None
     body = raw["asha"] or {}
     if not isinstance(body, dict):
         raise ConfigError("scheduler.asha", f"expected a mapping of settings, got {body!r}")
@@ -152,14 +161,78 @@ def asha_settings(spec: "SweepSpec") -> Optional[dict]:
     return out
 
 
+def pbt_settings(spec: "SweepSpec") -> Optional[dict]:
+    """Validated ``sweep.scheduler.pbt`` settings with defaults filled in (None: not PBT).
+
+    ``hyperparam_mutations`` maps dotted config keys to a list of values or ``{uniform: [low, high]}`` /
+    ``{loguniform: [low, high]}``; every key must be a valid value of the experiment's config."""
+    raw = spec.scheduler
+    if not isinstance(raw, dict) or "pbt" not in raw:
+        return None
+    body = raw["pbt"] or {}
+    if not isinstance(body, dict):
+        raise ConfigError("scheduler.pbt", f"expected a mapping of settings, got {body!r}")
+    for k, v in body.items():
+        if k not in _PBT_KEYS:
+            raise ConfigError(f"scheduler.pbt.{k}", f"unknown setting; known: {', '.join(_PBT_KEYS)}")
+        if _PBT_KEYS[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                       or not math.isfinite(v)):
+            raise ConfigError(f"scheduler.pbt.{k}", f"must be a finite number, got {v!r}")
+        if _PBT_KEYS[k] is bool and not isinstance(v, bool):
+            raise ConfigError(f"scheduler.pbt.{k}", f"must be true or false, got {v!r}")
+    out = {"metric": spec.metric, "mode": spec.mode, "perturbation_interval": None, "hyperparam_mutations": {},
+           "quantile_fraction": 0.25, "resample_probability": 0.25, "synch": False, **body}
+    if out["metric"] not in M.ALL:
+        raise ConfigError("scheduler.pbt.metric", f"unknown metric {out['metric']!r}")
+    if out["mode"] not in ("max", "min"):
+        raise ConfigError("scheduler.pbt.mode", f"must be max or min, got {out['mode']!r}")
+    if out["perturbation_interval"] is None or out["perturbation_interval"] <= 0:
+        raise ConfigError("scheduler.pbt.perturbation_interval", "is needed, > 0, in the trial's step units "
+                                                                 "(finetune: env steps; pretrain: epochs)")
+    if not 0 < out["quantile_fraction"] <= 0.5:
+        raise ConfigError("scheduler.pbt.quantile_fraction", f"must be in (0, 0.5], got {out['quantile_fraction']}")
+    if not 0 <= out["resample_probability"] <= 1:
+        raise ConfigError("scheduler.pbt.resample_probability", f"must be in [0, 1], got {out['resample_probability']}")
+    muts = out["hyperparam_mutations"]
+    if not isinstance(muts, dict) or not muts:
+        raise ConfigError("scheduler.pbt.hyperparam_mutations", "needs at least one key -> [values] or "
+                                                                "{uniform: [low, high]}")
+    checked = {}
+    for key, spec_v in muts.items():
+        path = f"scheduler.pbt.hyperparam_mutations.{key}"
+        if key in RESERVED_KEYS or key.split(".")[0] in ("run", "cluster") or key == "seed":
+            raise ConfigError(path, "cannot change while a trial runs")
+        if isinstance(spec_v, list):
+            kind, args = _axis(path, "choice", spec_v)
+        elif isinstance(spec_v, dict) and len(spec_v) == 1 and next(iter(spec_v)) in ("uniform", "loguniform"):
+            kind, args = _axis(path, *next(iter(spec_v.items())))
+        else:
+            raise ConfigError(path, f"expected [values] or {{uniform: [low, high]}}, got {spec_v!r}")
+        checked[key] = (kind, args)
+    out["hyperparam_mutations"] = checked
+    return out
+
+
 def _scheduler(spec: "SweepSpec") -> Any:
     """Tune's scheduler object for ``sweep.scheduler`` (None: FIFO, every trial runs to the end)."""
+    from offrl.platform.sweep_trial import STEP
+
+    pbt = pbt_settings(spec)
+    if pbt is not None:
+        from ray import tune
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        make = {"choice": lambda a: a, "uniform": lambda a: tune.uniform(*a),
+                "loguniform": lambda a: tune.loguniform(*a)}
+        return PopulationBasedTraining(
+            time_attr=STEP, metric=pbt["metric"], mode=pbt["mode"],
+            perturbation_interval=pbt["perturbation_interval"], quantile_fraction=pbt["quantile_fraction"],
+            resample_probability=pbt["resample_probability"], synch=pbt["synch"],
+            hyperparam_mutations={k: make[kind](args) for k, (kind, args) in pbt["hyperparam_mutations"].items()})
     asha = asha_settings(spec)
     if asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
-
-    from offrl.platform.sweep_trial import STEP
 
     return ASHAScheduler(time_attr=STEP, metric=asha["metric"], mode=asha["mode"], max_t=asha["max_t"],
                          grace_period=asha["grace_period"], reduction_factor=asha["reduction_factor"],
@@ -295,6 +368,17 @@ class Sweep:
         space = {k: make[kind](args) for k, (kind, args) in self.axes.items()}
         if self.spec.seeds is not None:
             space["seed"] = tune.grid_search(list(self.spec.seeds))
+        pbt = pbt_settings(self.spec)
+        for key in (pbt["hyperparam_mutations"] if pbt else {}):
+            if key not in space:  # PBT mutates keys of the trial's config: start them at the base value
+                section, _, name = key.rpartition(".")
+                node = self.base
+                for part in section.split(".") if section else []:
+                    node = node.get(part, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict) and name in node:
+                    space[key] = node[name]
+                else:
+                    space[key] = _default_value(key)
         return space
 
     def num_trials(self) -> int:
@@ -366,6 +450,24 @@ def _check_axes(base: dict, axes: dict[str, tuple[str, list]], spec: SweepSpec) 
         except ConfigError as e:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError("sweep.axes", f"the combination {shown} is invalid: {e}") from None
+    pbt = pbt_settings(spec)
+    for key, (kind, args) in (pbt["hyperparam_mutations"] if pbt else {}).items():
+        for v in args:  # the values of a list, or the bounds of a range
+            try:
+                from_dict(trial_dict(base, {key: v}))
+            except ConfigError as e:
+                inner = _message(e) if e.path == key else str(e)
+                raise ConfigError(f"sweep.scheduler.pbt.hyperparam_mutations.{key}", f"value {v!r}: {inner}") from None
+
+
+def _default_value(key: str) -> Any:
+    """The default value of a dotted config key."""
+    from offrl.config import ExperimentConfig
+
+    node: Any = ExperimentConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _input_values(sweep: Sweep, key: str) -> set:

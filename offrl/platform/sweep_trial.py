@@ -68,13 +68,14 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
     checkpoint = tune.get_checkpoint()
     ckpt_dir = usable_checkpoint(Path(checkpoint.path) if checkpoint is not None else None, run_dir)
     ckpt_step = _checkpoint_step(ckpt_dir)
-    if (run_dir / DONE_FILES[job]).exists():
+    donor = _donor(ckpt_dir, run_dir)  # Population Based Training: another trial's checkpoint and a new config
+    if donor is None and (run_dir / DONE_FILES[job]).exists():
         mode = "replay"
     elif ckpt_step is not None:
         mode = "resume"
     else:
         mode = "fresh"
-    _record_attempt(run_dir, mode, ckpt_step)
+    _record_attempt(run_dir, mode, ckpt_step, donor=donor, config=config if donor else None)
     log(f"[offrl] trial {name}: {mode}" + (f" (Tune checkpoint at step {ckpt_step})" if ckpt_step is not None else ""))
     if mode == "replay":
         replay_metrics(run_dir, after=ckpt_step, report=report)
@@ -84,7 +85,11 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
 
         from offrl.platform.finetune import run_finetune_job
 
-        _rewind_checkpoints(run_dir / "checkpoints", ckpt_step, ckpt_dir)
+        _rewind_checkpoints(run_dir / "checkpoints", ckpt_step, ckpt_dir, replace=donor is not None)
+        if donor is not None:
+            (run_dir / DONE_FILES[job]).unlink(missing_ok=True)
+            log(f"[offrl] trial {name}: continues from trial {donor}'s checkpoint at step {ckpt_step} with "
+                + ", ".join(f"{k}={v}" for k, v in config.items()))
         (run_pretrain_job if job == "pretrain" else run_finetune_job)(cfg, resume=True, log=log, reporter=report)
         return
     clear_run_dir(run_dir)
@@ -110,14 +115,15 @@ def _file_log(path: Path) -> Callable[[str], None]:
 
 def usable_checkpoint(tune_ckpt: Optional[Path], run_dir: Path) -> Optional[Path]:
     """The checkpoint a restarted trial continues from: Tune's, or, when Tune has deleted that copy
-    (``sweep.keep_checkpoints``) after its saved experiment state named it, the run directory's own latest
-    checkpoint. That one is never older than Tune's, and every row up to it was reported (and logged by the
-    sweep's result logs), so continuing there neither repeats nor skips a step."""
+    (``sweep.keep_checkpoints``) after its saved experiment state named it, the latest checkpoint of the run
+    directory the copy belonged to (this trial's; another trial's under PBT). That one is never older than
+    Tune's, and every row up to it was reported (and logged by the sweep's result logs), so continuing there
+    neither repeats nor skips a step."""
     if tune_ckpt is None or (tune_ckpt / "training_state" / "state.json").is_file():
         return tune_ckpt
     from offrl.platform.checkpoint import latest_checkpoint
 
-    return latest_checkpoint(run_dir / "checkpoints")
+    return latest_checkpoint(tune_ckpt.parent / "checkpoints")
 
 
 def _checkpoint_step(ckpt_dir: Optional[Path]) -> Optional[int]:
@@ -127,8 +133,10 @@ def _checkpoint_step(ckpt_dir: Optional[Path]) -> Optional[int]:
     return int(json.loads((ckpt_dir / "training_state" / "state.json").read_text())["step"])
 
 
-def _record_attempt(run_dir: Path, mode: str, ckpt_step: Optional[int]) -> None:
-    """Append this attempt (mode, checkpoint step, placement group) to ``sweep_trial.json``."""
+def _record_attempt(run_dir: Path, mode: str, ckpt_step: Optional[int], donor: Optional[str] = None,
+                    config: Optional[dict] = None) -> None:
+    """Append this attempt (mode, checkpoint step, placement group; under PBT the trial whose checkpoint it
+    continues from and its new config) to ``sweep_trial.json``."""
     import ray
 
     path = run_dir / ATTEMPTS_FILE
@@ -140,6 +148,7 @@ def _record_attempt(run_dir: Path, mode: str, ckpt_step: Optional[int]) -> None:
         "placement_group": pg.id.hex() if pg is not None else None,
         "bundles": pg.bundle_specs if pg is not None else None,
         "capture_child_tasks": ray.get_runtime_context().should_capture_child_tasks_in_placement_group,
+        **({"checkpoint_from": donor, "config": config} if donor else {}),
     })
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(data, indent=2))
@@ -154,15 +163,31 @@ def clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def _rewind_checkpoints(ckpt_root: Path, step: int, tune_ckpt: Path) -> None:
-    """Make ``step`` the latest offrl checkpoint: newer ones go, a missing one is copied from Tune's."""
+def _rewind_checkpoints(ckpt_root: Path, step: int, tune_ckpt: Path, replace: bool = False) -> None:
+    """Make ``step`` the latest offrl checkpoint: newer ones go, a missing one is copied from Tune's
+    (``replace``: the one at ``step`` is replaced by Tune's, another trial's under PBT)."""
     from offrl.platform.checkpoint import list_checkpoints
 
     for p in list_checkpoints(ckpt_root):
-        if int(p.name) > step:
+        if int(p.name) > step or (replace and int(p.name) == step):
             shutil.rmtree(p, ignore_errors=True)
     if not (ckpt_root / str(step)).exists():
-        shutil.copytree(tune_ckpt, ckpt_root / str(step))
+        tmp = ckpt_root / f".{step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tune_ckpt, tmp)
+        tmp.rename(ckpt_root / str(step))
+
+
+def _donor(ckpt_dir: Optional[Path], run_dir: Path) -> Optional[str]:
+    """The name of the trial a checkpoint belongs to when it is not this trial's (PBT's exploit step)."""
+    if ckpt_dir is None:
+        return None
+    ckpt, own = ckpt_dir.resolve(), run_dir.resolve()
+    if own in ckpt.parents:
+        return None
+    # a Tune copy lies in <experiment>/<trial>/checkpoint_NNNNNN; an offrl one in <trial>/checkpoints/<step>
+    trial = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return trial.name
 
 
 def replay_metrics(run_dir: Path, after: Optional[int], report: Callable[[int, dict, Optional[Path]], None]) -> int:

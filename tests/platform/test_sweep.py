@@ -389,7 +389,15 @@ def test_asha_scheduler_stops_the_worse_trials_early(tmp_path, expert_dataset, r
 def test_a_bad_scheduler_key_is_named_before_ray_starts(tmp_path, expert_dataset):
     for bad, words in [("{asha: {grace: 1, max_t: 5}}", "sweep.scheduler.asha.grace"),
                        ("{asha: {max_t: 5, reduction_factor: 1}}", "sweep.scheduler.asha.reduction_factor"),
-                       ("{pbt: {perturbation_interval: 2}}", "pbt is not supported yet")]:
+                       ("{pbt: {perturbation_interval: 2}}", "sweep.scheduler.pbt.hyperparam_mutations"),
+                       ("{pbt: {hyperparam_mutations: {pretrain.critic_lr: [1e-3]}}}",
+                        "sweep.scheduler.pbt.perturbation_interval"),
+                       ("{pbt: {perturbation_interval: 2, hyperparam_mutations: {pretrain.critic_lr: [-1.0]}}}",
+                        "sweep.scheduler.pbt.hyperparam_mutations.pretrain.critic_lr"),
+                       ("{pbt: {perturbation_interval: 2, hyperparam_mutations: {run.trial: [a]}}}",
+                        "cannot change while a trial runs"),
+                       ("{pbt: {perturbation_interval: 2, synch: 3, hyperparam_mutations: {pretrain.critic_lr: [1.0]}}}",
+                        "sweep.scheduler.pbt.synch")]:
         with pytest.raises(ConfigError, match=words):
             load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(expert_dataset, "x", "[0]",
                                                                         f"sweep.scheduler={bad}"), log=lambda *a: None)
@@ -514,3 +522,32 @@ def test_a_trial_whose_tune_copy_was_deleted_continues_from_its_own_checkpoint(t
     assert usable_checkpoint(None, run) is None
     with pytest.raises(ConfigError, match="keep_checkpoints"):
         load_sweep(CONFIGS / "pretrain_sweep.yaml", ["sweep.keep_checkpoints=0"], log=lambda *a: None)
+
+
+def test_pbt_copies_a_better_trials_checkpoint_and_its_metrics_continue(tmp_path, expert_dataset, ray_cluster):
+    """sweep.scheduler.pbt: two critic trials, one learning (critic_lr 1e-3) and one barely (1e-7), side by side.
+    At a perturbation step the bad one continues from the good one's checkpoint with a mutated learning rate:
+    its next validation error drops to the good trial's level, and every step is logged once."""
+    sweep = load_sweep(CONFIGS / "pretrain_sweep.yaml", _pretrain_sweep(
+        expert_dataset, "pbt", "[0]", "sweep.max_concurrent=2", "pretrain.epochs=6",
+        "sweep.axes={pretrain.critic_lr: {grid_search: [1.0e-3, 1.0e-7]}}",
+        "sweep.scheduler={pbt: {metric: val/mc_error, mode: min, perturbation_interval: 2, quantile_fraction: 0.5, "
+        "resample_probability: 0.0, synch: true, hyperparam_mutations: {pretrain.critic_lr: [1.0e-3, 3.0e-4]}}}"),
+        log=lambda *a: None)
+    assert run_sweep(sweep, tmp_path) == 0
+    trials = sorted((tmp_path / "pbt").glob("0*"))
+    assert len(trials) == 2
+    good = next(t for t in trials if "0.001" in t.name)
+    bad = next(t for t in trials if t is not good)
+    attempts = json.loads((bad / "sweep_trial.json").read_text())["attempts"]
+    cloned = [a for a in attempts if a.get("checkpoint_from") == good.name]
+    assert cloned and cloned[0]["mode"] == "resume" and cloned[0]["checkpoint_step"] in (2, 4)
+    assert cloned[0]["config"]["pretrain.critic_lr"] in (1.0e-3, 3.0e-4)
+    step = cloned[0]["checkpoint_step"]
+    assert _steps(bad) == ([1, 2, 3, 4, 5, 6],) * 3 and _steps(good) == ([1, 2, 3, 4, 5, 6],) * 3
+    err = {t: {int(r["step"]): float(r["val/mc_error"]) for r in csv.DictReader(open(t / "metrics.csv"))}
+           for t in (good, bad)}
+    # before: the bad trial's error is far above the good one's; after: it continues at the good one's level
+    assert err[bad][step] > 2 * err[good][step]
+    assert err[bad][step + 1] < 0.5 * err[bad][step]
+    assert err[bad][step + 1] == pytest.approx(err[good][step + 1], rel=0.5)
