@@ -10,6 +10,7 @@ main rollouts (re-rollout steps are counted apart in ``time/rerollout_steps``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Optional
@@ -198,18 +199,26 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             return evaluate(pool, actor_spec(actor, arch, cfg.eval.deterministic), fc.eval_episodes, cfg.eval.seed,
                             ignore_terminations=cfg.eval.ignore_terminations)
 
-        def checkpoint(step: int, start: dict, last: dict) -> Path:
+        best = {"value": -math.inf}  # eval/success_rate of the best evaluated policy so far
+
+        def checkpoint(step: int, start: dict, last: dict, root: Optional[Path] = None, keep: int = 3) -> Path:
             extra = {**learner.extra_state(), "actor_arch": arch, "env_steps": step, "start_checkpoint": str(start_ckpt),
                      "rerollout_steps": getattr(estimator, "rerollout_steps", 0), "rng": rng.bit_generator.state,
-                     "start_eval": start, "last_eval": last}
+                     "start_eval": start, "last_eval": last, "best_eval": best["value"]}
             tensors = {}
             if learner.replay is not None:
                 st = learner.replay.state_dict()
                 extra["replay_added"] = st["added"]
                 tensors["replay"] = st["rows"]
-            return save_checkpoint(run_dir / "checkpoints", step, learner.modules(), optimizers=learner.optimizers(),
-                                   generators=learner.generators(), config=to_dict(cfg), keep=3, extra_state=extra,
-                                   state_tensors=tensors)
+            return save_checkpoint(root or run_dir / "checkpoints", step, learner.modules(),
+                                   optimizers=learner.optimizers(), generators=learner.generators(), config=to_dict(cfg),
+                                   keep=keep, extra_state=extra, state_tensors=tensors)
+
+        def keep_best(step: int, start: dict, last: dict) -> None:
+            """checkpoints/best/<step>: the policy with the highest eval/success_rate so far (ties: the first)."""
+            if last["success_at_end"]["mean"] > best["value"]:
+                best["value"] = last["success_at_end"]["mean"]
+                checkpoint(step, start, last, root=run_dir / "checkpoints" / "best", keep=1)
 
         if resume_from is not None:
             state = load_checkpoint(resume_from, learner.modules(), optimizers=learner.optimizers(),
@@ -223,6 +232,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                 learner.replay.load_state_dict({"rows": load_state_tensors(resume_from, "replay"),
                                                 "added": state["replay_added"]})
             start, last = state["start_eval"], state["last_eval"]
+            best["value"] = float(state.get("best_eval", -math.inf))
             logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
             logger.truncate_after(env_steps)
             log(f"[offrl] resuming {run_dir} from round {it0} ({env_steps} env steps)")
@@ -238,6 +248,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             start = do_eval()
             last = start
             logger.log(0, eval_metrics(start))
+            keep_best(0, start, last)
             saved0 = checkpoint(0, start, last)
             if reporter is not None:
                 reporter(0, eval_metrics(start), saved0)
@@ -294,6 +305,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                 bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
             logger.log(env_steps, row)
             if it % fc.eval_every == 0 or it == fc.iterations:
+                keep_best(env_steps, start, last)
                 saved = checkpoint(env_steps, start, last)  # after the row: a resume never loses it
             if reporter is not None:
                 reporter(env_steps, row, saved)

@@ -55,6 +55,10 @@ def test_every_combination_runs_and_writes_metrics(tmp_path, bc_iql_checkpoint, 
     summary = json.loads((run / "finetune_summary.json").read_text())
     assert summary["advantage"] == adv and summary["update"] == upd and summary["env_steps"] == 64
     assert (run / "checkpoints" / "64" / "model.safetensors").exists()
+    # checkpoints/best keeps the first policy with the highest eval/success_rate
+    (best,) = list((run / "checkpoints" / "best").iterdir())
+    rates = {int(r["step"]): float(r["eval/success_rate"]) for r in rows if r["eval/success_rate"] != ""}
+    assert int(best.name) == min(s for s, v in rates.items() if v == max(rates.values()))
 
 
 def test_iql_needs_critics(tmp_path, expert_dataset, ray_cluster):
