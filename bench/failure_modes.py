@@ -1,0 +1,106 @@
+"""Why a PickCube-v1 policy fails: each evaluation episode sorted into what it reached.
+
+PickCube-v1 counts a success when the cube is within 2.5 cm of the goal *and* the arm is static. This plays a
+checkpoint's policy (the way ``offrl eval`` does: deterministic, the same evaluation seeds, terminations ignored)
+in one CPU env and reads ManiSkill's own ``evaluate()`` flags every step:
+
+* ``success``: success at least once (``success_once``);
+* ``placed_not_static``: the cube reached the goal but the arm never stood still there;
+* ``grasped_not_placed``: the cube was grasped but never brought within 2.5 cm of the goal; the closest
+  distance it reached is reported, so "stopped short" and "never got near" can be told apart;
+* ``never_grasped``.
+
+    python bench/failure_modes.py CHECKPOINT [--episodes 30] [--seed 1000000000] [--steps 100]
+                                  [policy.action_horizon=12 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("checkpoint", help="checkpoint folder or run directory")
+    ap.add_argument("--episodes", type=int, default=30, help="evaluation episodes (seeds from --seed on)")
+    ap.add_argument("--seed", type=int, default=1_000_000_000, help="first evaluation seed (offrl eval's default)")
+    ap.add_argument("--steps", type=int, default=100, help="episode length (terminations ignored)")
+    ap.add_argument("--out", default=None, help="also write the per-episode records to this JSON file")
+    ap.add_argument("overrides", nargs="*", help="acting overrides: policy.action_horizon=N, diffusion.inference_steps=N")
+    args = ap.parse_args()
+    from offrl.algos.networks import build_actor
+    from offrl.envs.maniskill import ManiSkillCPUSim
+    from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
+    from offrl.platform.pretrain import actor_spec
+    from offrl.platform.rollout import build_policy
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    arch = dict(checkpoint_json(ckpt, "training_state/state.json")["actor_arch"])
+    cfg = checkpoint_json(ckpt, "config.json")
+    keys = {"policy.action_horizon": "action_horizon", "diffusion.inference_steps": "inference_steps",
+            "diffusion.scheduler": "scheduler"}
+    for kv in args.overrides:
+        k, _, v = kv.partition("=")
+        if k not in keys:
+            ap.error(f"unknown override {k!r} (known: {', '.join(keys)})")
+        arch[keys[k]] = type(arch[keys[k]])(v)
+    actor = build_actor(arch)
+    load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
+    spec = actor_spec(actor, arch, True)
+    env = cfg["env"]
+    if env["id"] != "PickCube-v1":
+        ap.error(f"this reads PickCube-v1's flags; the checkpoint is for {env['id']}")
+    sim = ManiSkillCPUSim(env["id"], num_envs=1, control_mode=env["control_mode"], max_episode_steps=args.steps,
+                          autoreset=False)
+    sim.ignore_terminations = True
+    u = sim.envs[0].unwrapped
+    records = []
+    for ep in range(args.episodes):
+        seed = args.seed + ep
+        policy = build_policy(spec, sim, seed=seed)
+        obs = sim.reset(seed=seed)
+        grasped = placed = success = False
+        closest, first = np.inf, None
+        for t in range(args.steps):
+            obs, _, _, _, info = sim.step(policy(obs, sim)[0])
+            ev = u.evaluate()
+            grasped |= bool(ev["is_grasped"][0])
+            placed |= bool(ev["is_obj_placed"][0])
+            if bool(info["success"][0]) and first is None:
+                first = t + 1
+            success |= bool(info["success"][0])
+            closest = min(closest, float((u.goal_site.pose.p - u.cube.pose.p).norm()))
+        kind = ("success" if success else "placed_not_static" if placed else
+                "grasped_not_placed" if grasped else "never_grasped")
+        records.append({"seed": seed, "kind": kind, "closest_to_goal_m": closest, "first_success_step": first})
+        print(f"seed {seed}: {kind}, closest to goal {closest * 100:.1f} cm"
+              + (f", first success at step {first}" if first else ""), flush=True)
+    sim.close()
+    counts = Counter(r["kind"] for r in records)
+    short = [r["closest_to_goal_m"] for r in records if r["kind"] == "grasped_not_placed"]
+    steps = [r["first_success_step"] for r in records if r["first_success_step"]]
+    print(f"\n{args.checkpoint} ({', '.join(args.overrides) or 'as trained'}), {args.episodes} episodes:")
+    for kind in ("success", "placed_not_static", "grasped_not_placed", "never_grasped"):
+        print(f"  {kind:20s} {counts.get(kind, 0):3d}")
+    if short:
+        print(f"  grasped_not_placed: closest to the goal median {np.median(short) * 100:.1f} cm "
+              f"(success needs < 2.5 cm)")
+    if steps:
+        print(f"  first success at step: median {np.median(steps):.0f}, max {max(steps)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"checkpoint": str(ckpt), "overrides": args.overrides, "episodes": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
