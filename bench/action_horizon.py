@@ -29,9 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from imitation import CELLS, NAMES, run_cell  # noqa: E402
-
-from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
+from imitation import CELLS, NAMES, pooled, run_cell  # noqa: E402
 
 
 def main() -> int:
@@ -98,10 +96,7 @@ def main() -> int:
             if not rs:
                 cells.append("-")
                 continue
-            k, n = sum(r["k"] for r in rs), sum(r["n"] for r in rs)
-            lo, hi = wilson(k, n)
-            per_seed = ", ".join(f"{r['k'] / r['n']:.2f}" for r in rs)
-            cells.append(f"{k / n:.2f} [{lo:.2f}, {hi:.2f}] ({per_seed})")
+            cells.append(pooled(rs))
         lines.append(f"| {ta} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)

@@ -79,6 +79,15 @@ def run_cell(cell: str, policy: str, seed: int, args, log) -> dict:
     return {"k": k, "n": ev["episodes"], "evaluated": ev.get("evaluated", ""), "run": str(run)}
 
 
+def pooled(rs: list[dict]) -> str:
+    """A table cell for several seeds' runs ``[{k, n}, ...]``: the pooled success rate with its 95% Wilson
+    interval, then the per-seed rates when there is more than one seed."""
+    k, n = sum(r["k"] for r in rs), sum(r["n"] for r in rs)
+    lo, hi = wilson(k, n)
+    per = ", ".join(f"{r['k'] / r['n']:.2f}" for r in rs)
+    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({per})" if len(rs) > 1 else "")
+
+
 def cost(args) -> list[str]:
     """Training, inference and evaluation cost of Diffusion Policy against the MLP, measured side by side."""
     import numpy as np
@@ -246,10 +255,7 @@ def main() -> int:
                 if not rs:
                     row.append("-")
                     continue
-                k, n = sum(r["k"] for r in rs), sum(r["n"] for r in rs)
-                lo, hi = wilson(k, n)
-                per = ", ".join(f"{r['k'] / r['n']:.2f}" for r in rs)
-                row.append(f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({per})" if len(rs) > 1 else ""))
+                row.append(pooled(rs))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         plot(results, args, root / "imitation.png")
