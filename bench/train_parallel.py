@@ -72,8 +72,8 @@ def main() -> int:
             print(f"[train_parallel] {workers} worker(s), repeat {r}: {speeds[workers][-1]:.1f} gradient steps/s",
                   flush=True)
     one, two = (sorted(v)[len(v) // 2] for v in (speeds[1], speeds[2]))
-    print(f"\nmachine: {cores} cores; BC, global batch {args.batch}, {epochs * 200} gradient steps per run, "
-          f"median of {args.repeats}")
+    print(f"\nmachine: {cores} cores; BC ({' '.join(args.overrides) or 'Gaussian MLP 256x256'}), global batch "
+          f"{args.batch}, {epochs * 200} gradient steps per run, median of {args.repeats}")
     print("| workers | gradient steps/s | ratio to 1 worker |")
     print("|---:|---:|---:|")
     print(f"| 1 (batch {args.batch}) | {one:.1f} | 1.00 |")
