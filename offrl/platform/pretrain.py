@@ -523,11 +523,18 @@ def _run_data_parallel(cfg: Any, *, resume: bool, init_from: Optional[str], init
     if needs_sim:
         _check_sizes(probe_env(cfg.env), ds.obs_dim, ds.act_dim, f"{ds.name}: obs/action sizes", cfg)
     resources = init_ray(cfg.cluster)
-    need = pc.workers * pc.worker_cpus
-    if not cfg.cluster.address and need > resources.get("CPU", 0.0) + 1e-9:
-        raise OffrlError(f"pretrain.workers={pc.workers} x pretrain.worker_cpus={pc.worker_cpus:g} needs {need:g} CPUs; "
-                         f"this Ray cluster has {resources.get('CPU', 0.0):g} (lower pretrain.worker_cpus or "
-                         f"raise cluster.num_cpus)")
+    cpus, need = resources.get("CPU", 0.0), pc.workers * pc.worker_cpus
+    hosts = 0
+    if needs_sim:  # the evaluation SimHosts share the cluster with the workers: size them to what is left
+        per_host = max(cfg.cluster.cpus_per_host, 1e-9)
+        hosts = cfg.cluster.num_hosts or max(1, int((cpus - need + 1e-9) // per_host))
+        cfg = replace(cfg, **{"cluster.num_hosts": hosts})
+        need += hosts * cfg.cluster.cpus_per_host
+    if not cfg.cluster.address and need > cpus + 1e-9:  # Ray Train would wait for the CPUs forever
+        sims = f" and {hosts} SimHost(s) x cluster.cpus_per_host={cfg.cluster.cpus_per_host:g}" if hosts else ""
+        raise OffrlError(f"pretrain.workers={pc.workers} x pretrain.worker_cpus={pc.worker_cpus:g}{sims} need "
+                         f"{need:g} CPUs; this Ray cluster has {cpus:g} (lower pretrain.worker_cpus or "
+                         f"cluster.cpus_per_host, or raise cluster.num_cpus)")
     pool = created = None
     try:
         if needs_sim:

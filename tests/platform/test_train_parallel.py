@@ -104,9 +104,15 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, expert_
 
 
 def test_data_parallel_settings_are_checked(tmp_path, expert_dataset, ray_cluster):
-    with pytest.raises(OffrlError, match="pretrain.workers=4 x pretrain.worker_cpus=1 needs 4 CPUs"):
+    with pytest.raises(OffrlError, match=r"pretrain.workers=4 x pretrain.worker_cpus=1 and 1 SimHost\(s\) x "
+                                         r"cluster.cpus_per_host=1 need 5 CPUs; this Ray cluster has 2"):
         run_pretrain_job(_cfg(tmp_path, expert_dataset, "big", "pretrain.workers=4"), log=lambda *a: None)
     assert not (tmp_path / "dp" / "big").exists()
+    # the SimHost pool is sized to what the workers leave (num_hosts 0 would otherwise take every CPU and
+    # Ray Train would wait for CPUs forever): 2 workers x 1 CPU leave nothing on this 2-CPU cluster
+    with pytest.raises(OffrlError, match=r"and 1 SimHost\(s\) x cluster.cpus_per_host=1 need 3 CPUs"):
+        run_pretrain_job(_cfg(tmp_path, expert_dataset, "auto", "pretrain.workers=2", "cluster.num_hosts=0"),
+                         log=lambda *a: None)
     r = run_cli("pretrain", "tune_configs/pretrain_bc.yaml", "pretrain.workers=0", timeout=60)
     assert r.returncode == 2 and "pretrain.workers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
