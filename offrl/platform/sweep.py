@@ -123,6 +123,21 @@ _PBT_KEYS = {"metric": str, "mode": str, "perturbation_interval": float, "hyperp
              "quantile_fraction": float, "resample_probability": float, "synch": bool}
 
 
+def _scheduler_body(raw: dict, name: str, keys: dict) -> dict:
+    """``sweep.scheduler.<name>``'s settings, each known and of its type (numbers finite), or a ConfigError."""
+    body = raw[name] or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"scheduler.{name}", f"expected a mapping of settings, got {body!r}")
+    for k, v in body.items():
+        if k not in keys:
+            raise ConfigError(f"scheduler.{name}.{k}", f"unknown setting; known: {', '.join(keys)}")
+        if keys[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"scheduler.{name}.{k}", f"must be a finite number, got {v!r}")
+        if keys[k] is bool and not isinstance(v, bool):
+            raise ConfigError(f"scheduler.{name}.{k}", f"must be true or false, got {v!r}")
+    return body
+
+
 def asha_settings(spec: "SweepSpec") -> Optional[dict]:
     """Validated ``sweep.scheduler.asha`` settings with defaults filled in (None: no scheduler, or PBT);
     a ``pbt`` scheduler is validated too (:func:`pbt_settings`)."""
@@ -134,15 +149,7 @@ def asha_settings(spec: "SweepSpec") -> Optional[dict]:
     if "pbt" in raw:
         pbt_settings(spec)
         return None
-    body = raw["asha"] or {}
-    if not isinstance(body, dict):
-        raise ConfigError("scheduler.asha", f"expected a mapping of settings, got {body!r}")
-    for k, v in body.items():
-        if k not in _ASHA_KEYS:
-            raise ConfigError(f"scheduler.asha.{k}", f"unknown setting; known: {', '.join(_ASHA_KEYS)}")
-        if _ASHA_KEYS[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                       or not math.isfinite(v)):
-            raise ConfigError(f"scheduler.asha.{k}", f"must be a finite number, got {v!r}")
+    body = _scheduler_body(raw, "asha", _ASHA_KEYS)
     out = {"metric": spec.metric, "mode": spec.mode, "grace_period": 1, "reduction_factor": 2, "max_t": None,
            **body}
     if out["metric"] not in M.ALL:
@@ -169,17 +176,7 @@ def pbt_settings(spec: "SweepSpec") -> Optional[dict]:
     raw = spec.scheduler
     if not isinstance(raw, dict) or "pbt" not in raw:
         return None
-    body = raw["pbt"] or {}
-    if not isinstance(body, dict):
-        raise ConfigError("scheduler.pbt", f"expected a mapping of settings, got {body!r}")
-    for k, v in body.items():
-        if k not in _PBT_KEYS:
-            raise ConfigError(f"scheduler.pbt.{k}", f"unknown setting; known: {', '.join(_PBT_KEYS)}")
-        if _PBT_KEYS[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                       or not math.isfinite(v)):
-            raise ConfigError(f"scheduler.pbt.{k}", f"must be a finite number, got {v!r}")
-        if _PBT_KEYS[k] is bool and not isinstance(v, bool):
-            raise ConfigError(f"scheduler.pbt.{k}", f"must be true or false, got {v!r}")
+    body = _scheduler_body(raw, "pbt", _PBT_KEYS)
     out = {"metric": spec.metric, "mode": spec.mode, "perturbation_interval": None, "hyperparam_mutations": {},
            "quantile_fraction": 0.25, "resample_probability": 0.25, "synch": False, **body}
     if out["metric"] not in M.ALL:
