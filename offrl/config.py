@@ -249,7 +249,7 @@ class CollectConfig(_Checked):
                 raise ConfigError(name, f"each min must be <= its max, got {list(r)}")
 
 
-PRETRAIN_ALGOS = ("bc", "critic_mc", "iql", "sarsa", "bc+critic_mc", "bc+iql", "bc+sarsa")
+PRETRAIN_ALGOS = ("bc", "critic_mc", "iql", "sarsa", "bc+critic_mc", "bc+iql", "bc+sarsa", "cql", "brac")
 
 
 @dataclass(frozen=True)
@@ -259,10 +259,37 @@ class CriticConfig(_Checked):
     hidden: tuple[int, ...] = _f((256, 256), "Hidden layer widths of V and Q.")
     activation: Literal["tanh", "relu", "elu", "gelu"] = _f("relu", "Hidden activation.")
     twin_q: bool = _f(True, "Two Q heads, min over them (clipped double Q).")
+    # the offline RL workflow's corrections (Kumar et al. 2021): regularisation against overfitting, capacity
+    # against underfitting; see offrl.algos.critics.correction_loss for the formulas
+    vib_size: int = _f(0, "Variational information bottleneck: size k of z before the output layer (0: none). "
+                          "Against overfitting.")
+    vib_weight: float = _f(0.01, "Weight of the bottleneck's KL(N(mu, var) || N(0, I)) in the critic loss.")
+    dr3_weight: float = _f(0.0, "DR3: weight of mean_b sum_i phi_i(s, a) . phi_i(s', a') (features before the "
+                                "output layer) in the critic loss. Against underfitting (feature co-adaptation).")
+    dropout: float = _f(0.0, "Dropout probability after every hidden layer of the critics. Against overfitting.")
+    weight_decay: float = _f(0.0, "L2: weight_decay * sum ||W||^2 over the critics' weight matrices, added to the loss.")
+    l1: float = _f(0.0, "L1: l1 * sum |W| over the critics' weight matrices, added to the loss.")
+    residual: bool = _f(False, "Residual hidden layers h + act(W h + b) after the first (equal widths). Capacity "
+                               "against underfitting.")
 
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
+        if self.vib_size < 0:
+            raise ConfigError("vib_size", f"must be >= 0, got {self.vib_size}")
+        for name in ("vib_weight", "dr3_weight", "weight_decay", "l1"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(name, f"must be a finite number >= 0, got {v}")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.residual and len(set(self.hidden)) > 1:
+            raise ConfigError("residual", f"needs equal hidden widths, got {list(self.hidden)}")
+
+    @property
+    def corrected(self) -> bool:
+        """Whether any correction is on."""
+        return bool(self.vib_size or self.dr3_weight or self.dropout or self.weight_decay or self.l1 or self.residual)
 
 
 def _check_bonus(bonus: Optional[float]) -> None:
@@ -275,8 +302,9 @@ class PretrainConfig(_Checked):
     """Offline pretraining (offrl pretrain): behaviour cloning and critic pretraining."""
 
     dataset: str = _f("datasets/PickCube-v1_expert.h5", "ManiSkill-format dataset to train on.")
-    algo: str = _f("bc", "bc | critic_mc | iql | sarsa | bc+critic_mc | bc+iql | bc+sarsa "
-                         "(iql/sarsa alone also extract a policy by advantage weighting).")
+    algo: str = _f("bc", "bc | critic_mc | iql | sarsa | bc+critic_mc | bc+iql | bc+sarsa | cql | brac "
+                         "(iql/sarsa alone also extract a policy by advantage weighting; cql and brac train a "
+                         "SAC-style actor against twin Q critics).")
     num_episodes: Optional[int] = _f(None, "Use only the first N episodes of the dataset (null: all).")
     critic_dataset: str = _f("", "Dataset the critics train on when it differs from the actor's (e.g. clean + noisy "
                                  "+ failed episodes merged with offrl data merge); empty: pretrain.dataset. Same task, "
@@ -300,6 +328,22 @@ class PretrainConfig(_Checked):
     beta: float = _f(3.0, "Policy extraction weight exp(beta * A) (iql / sarsa actor).")
     max_weight: float = _f(100.0, "Clip of exp(beta * A).")
     target_tau: float = _f(0.005, "Polyak rate of the target Q network.")
+    cql_alpha: float = _f(5.0, "CQL's weight on the conservative term (min_q_weight, alpha in Kumar et al. 2020).")
+    cql_samples: int = _f(10, "Actions per state for CQL's logsumexp: this many uniform, policy at s, and policy at s'.")
+    cql_lagrange: bool = _f(False, "Tune CQL's weight by dual gradient descent so the gap stays near cql_target_gap.")
+    cql_target_gap: float = _f(5.0, "Target of the conservative gap with cql_lagrange (tau in Kumar et al. 2020).")
+    brac_beta: float = _f(1.0, "BRAC's weight on the divergence from the behaviour policy (--beta in the workflow).")
+    brac_penalty: Literal["value", "policy"] = _f(
+        "value", "BRAC's penalty: value (BRAC-v: -beta * D(s') in the Q target and beta * D(s) in the actor loss) "
+                 "or policy (BRAC-p: the actor loss only).")
+    behavior_checkpoint: str = _f("", "BRAC's behaviour policy: a BC checkpoint (mlp policy, same task); empty: BC "
+                                      "trained first in the same run for behavior_steps steps.")
+    behavior_steps: int = _f(2000, "Gradient steps of the in-run BC behaviour policy (brac without behavior_checkpoint).")
+    bc_warmup_steps: int = _f(0, "cql / brac: the actor maximises the data log-likelihood instead of Q for the "
+                                 "first N gradient steps (CQL's policy warm-up).")
+    entropy_alpha: float = _f(0.1, "cql / brac: initial temperature of the actor's entropy term (tuned towards "
+                                   "target_entropy).")
+    target_entropy: Optional[float] = _f(None, "cql / brac: entropy target of the temperature; null: -act_dim.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 disables).")
     val_fraction: float = _f(0.1, "Fraction of episodes held out for validation (split by episode).")
     eval_every: int = _f(0, "Evaluate in simulation every K epochs (0: only after training).")
@@ -333,6 +377,12 @@ class PretrainConfig(_Checked):
             raise ConfigError("worker_failures", f"must be >= 0, got {self.worker_failures}")
         if self.num_episodes is not None and self.num_episodes < 1:
             raise ConfigError("num_episodes", f"must be >= 1 or null, got {self.num_episodes}")
+        if self.critic_dataset and self.conservative:
+            raise ConfigError("critic_dataset", f"pretrain.algo={self.algo} trains its actor and critics on each other, "
+                                                "on one dataset; leave critic_dataset empty")
+        if self.algo == "brac" and not self.behavior_checkpoint and self.behavior_steps < 1:
+            raise ConfigError("behavior_steps", "brac without behavior_checkpoint trains its behaviour policy first: "
+                                                f"needs >= 1 step, got {self.behavior_steps}")
         if self.critic_dataset and not self.critic_mode:
             raise ConfigError("critic_dataset", f"pretrain.algo={self.algo} trains no critics; use a critic algo "
                                                 "(e.g. bc+iql) or leave critic_dataset empty")
@@ -348,14 +398,38 @@ class PretrainConfig(_Checked):
         for name in ("actor_lr", "critic_lr", "max_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if not math.isfinite(self.cql_target_gap):
+            raise ConfigError("cql_target_gap", f"must be a finite number, got {self.cql_target_gap}")
+        for name in ("cql_alpha", "brac_beta", "entropy_alpha"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name == "entropy_alpha" and v == 0):
+                raise ConfigError(name, f"must be a finite number {'> 0' if name == 'entropy_alpha' else '>= 0'}, got {v}")
+        for name in ("cql_samples",):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("behavior_steps", "bc_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.target_entropy is not None and not math.isfinite(self.target_entropy):
+            raise ConfigError("target_entropy", f"must be a finite number or null, got {self.target_entropy}")
+        if self.behavior_checkpoint and self.algo != "brac":
+            raise ConfigError("behavior_checkpoint", f"is BRAC's behaviour policy; pretrain.algo={self.algo} reads "
+                                                     "none (use algo=brac or leave it empty)")
 
     @property
     def trains_actor(self) -> bool:
-        return self.algo in ("bc", "iql", "sarsa") or self.algo.startswith("bc+")
+        return self.algo in ("bc", "iql", "sarsa", "cql", "brac") or self.algo.startswith("bc+")
+
+    @property
+    def conservative(self) -> bool:
+        """cql or brac: a SAC-style actor and twin Q trained on each other (offrl.algos.conservative)."""
+        return self.algo in ("cql", "brac")
 
     @property
     def critic_mode(self) -> Optional[str]:
-        """None, "mc" or "expectile"."""
+        """None, "mc", "expectile" or the conservative algo ("cql" / "brac")."""
+        if self.conservative:
+            return self.algo
         if "critic_mc" in self.algo:
             return "mc"
         if "iql" in self.algo or "sarsa" in self.algo:
@@ -364,14 +438,17 @@ class PretrainConfig(_Checked):
 
     @property
     def actor_mode(self) -> Optional[str]:
-        """None, "bc" or "awr" (advantage-weighted extraction for iql / sarsa alone)."""
+        """None, "bc", "awr" (advantage-weighted extraction for iql / sarsa alone), "cql" or "brac"."""
+        if self.conservative:
+            return self.algo
         if self.algo.startswith("bc"):
             return "bc"
         return "awr" if self.algo in ("iql", "sarsa") else None
 
     @property
     def tau(self) -> float:
-        return 0.5 if "sarsa" in self.algo else self.expectile
+        """Expectile of V's regression (cql / brac fit V to the mean of Q on dataset actions: 0.5)."""
+        return 0.5 if "sarsa" in self.algo or self.conservative else self.expectile
 
 
 @dataclass(frozen=True)

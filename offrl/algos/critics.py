@@ -7,55 +7,165 @@ Batch shapes: ``obs [B, d]``, ``actions [B, a]``, ``rewards/terminated [B]``. Al
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from offrl.algos.networks import RunningNorm, mlp
+from offrl.algos.networks import RunningNorm, _ACTIVATIONS
+
+
+class VIB(nn.Module):
+    """Variational information bottleneck (Alemi et al. 2017) as a critic layer: ``x -> (mu, log var) -> z``.
+
+    ``z = mu + exp(log var / 2) * eps`` while training, ``z = mu`` in eval mode; the layer also returns
+    ``KL(N(mu, diag(var)) || N(0, I)) = 0.5 * sum_k (mu_k^2 + var_k - 1 - log var_k)``, ``[B]``.
+    """
+
+    def __init__(self, in_dim: int, size: int):
+        super().__init__()
+        self.size = size
+        self.enc = nn.Linear(in_dim, 2 * size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_var = self.enc(x).chunk(2, -1)
+        log_var = log_var.clamp(-10.0, 10.0)
+        kl = vib_kl(mu, log_var)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu) if self.training else mu
+        return z, kl
+
+
+def vib_kl(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(log_var)) || N(0, I)) summed over the last dim."""
+    return 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(-1)
+
+
+class Residual(nn.Module):
+    """``h -> h + act(W h + b)`` (a residual hidden layer of constant width)."""
+
+    def __init__(self, width: int, activation: str):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.lin(x))
+
+
+class CriticMLP(nn.Sequential):
+    """A critic network with the workflow's optional corrections (``critic.*`` keys):
+
+    * ``dropout`` p: ``nn.Dropout(p)`` after every hidden activation (Srivastava et al. 2014);
+    * ``residual``: hidden layers after the first are ``h + act(W h + b)`` (needs equal widths);
+    * ``vib_size`` k > 0: the last hidden layer feeds a :class:`VIB` of size k, the output reads ``z``.
+
+    Without corrections the layers (and checkpoint keys) are those of a plain :func:`mlp`.
+    :meth:`forward_aux` returns ``(output [B, out], features [B, f], kl [B])``: the features are the input of
+    the output layer (DR3's ``phi``), ``kl`` is the bottleneck's KL (zeros without one).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "relu",
+                 dropout: float = 0.0, residual: bool = False, vib_size: int = 0):
+        act = _ACTIVATIONS[activation]
+        layers: list[nn.Module] = []
+        d = in_dim
+        for i, h in enumerate(hidden):
+            if residual and i > 0:
+                if h != d:
+                    raise ValueError(f"critic.residual needs equal hidden widths, got {list(hidden)}")
+                layers.append(Residual(h, activation))
+            else:
+                layers += [nn.Linear(d, h), act()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if vib_size > 0:
+            layers.append(VIB(d, vib_size))
+            d = vib_size
+        layers.append(nn.Linear(d, out_dim))
+        super().__init__(*layers)
+
+    def forward_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kl = torch.zeros(x.shape[:-1], dtype=x.dtype)
+        layers = list(self)
+        for m in layers[:-1]:
+            if isinstance(m, VIB):
+                x, kl = m(x)
+            else:
+                x = m(x)
+        return layers[-1](x), x, kl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_aux(x)[0]
 
 
 class VNet(nn.Module):
-    """State value V(s): MLP on normalized observations, output ``[B]``."""
+    """State value V(s): a :class:`CriticMLP` on normalized observations, output ``[B]``."""
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu"):
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu", **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.net = mlp(obs_dim, 1, hidden, activation)
+        self.net = CriticMLP(obs_dim, 1, hidden, activation, **corrections)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalizer(obs)).squeeze(-1)
+
+    def forward_aux(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(V ``[B]``, features ``[B, f]``, KL ``[B]``)."""
+        out, feat, kl = self.net.forward_aux(self.normalizer(obs))
+        return out.squeeze(-1), feat, kl
 
 
 class QNet(nn.Module):
     """Action value Q(s, a), optionally twin (two heads; ``forward`` returns both ``[2, B]`` or ``[1, B]``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True):
+                 twin: bool = True, **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.heads = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, activation) for _ in range(2 if twin else 1)])
+        self.heads = nn.ModuleList([CriticMLP(obs_dim + act_dim, 1, hidden, activation, **corrections)
+                                    for _ in range(2 if twin else 1)])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.normalizer(obs), actions], -1)
         return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+    def forward_aux(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q ``[H, B]``, features ``[H, B, f]``, KL ``[H, B]``)."""
+        x = torch.cat([self.normalizer(obs), actions], -1)
+        outs = [h.forward_aux(x) for h in self.heads]
+        return (torch.stack([o.squeeze(-1) for o, _, _ in outs]), torch.stack([f for _, f, _ in outs]),
+                torch.stack([k for _, _, k in outs]))
 
     def min(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min over heads (clipped double Q), ``[B]``."""
         return self.forward(obs, actions).min(0).values
 
 
+CORRECTION_ARCH = ("dropout", "residual", "vib_size")
+
+
 class Critics(nn.Module):
-    """V(s), Q(s, a) (twin by default) and a Polyak-averaged target copy of Q."""
+    """V(s), Q(s, a) (twin by default) and a Polyak-averaged target copy of Q.
+
+    ``corrections``: the architecture keys of :class:`CriticMLP` (``dropout``, ``residual``, ``vib_size``). The
+    target copy is kept in eval mode (no dropout noise, the bottleneck's mean) whatever mode the rest is in.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True):
+                 twin: bool = True, **corrections):
         super().__init__()
-        self.v = VNet(obs_dim, hidden, activation)
-        self.q = QNet(obs_dim, act_dim, hidden, activation, twin)
+        self.v = VNet(obs_dim, hidden, activation, **corrections)
+        self.q = QNet(obs_dim, act_dim, hidden, activation, twin, **corrections)
         self.q_target = copy.deepcopy(self.q)
         for p in self.q_target.parameters():
             p.requires_grad_(False)
+        self.q_target.eval()
+
+    def train(self, mode: bool = True) -> "Critics":
+        super().train(mode)
+        self.q_target.eval()
+        return self
 
     def update_normalizers(self, obs: torch.Tensor) -> None:
         for m in (self.v.normalizer, self.q.normalizer, self.q_target.normalizer):
@@ -71,6 +181,73 @@ class Critics(nn.Module):
     def advantage(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """A(s, a) = min_i Q_target,i(s, a) - V(s), ``[B]``."""
         return self.q_target.min(obs, actions) - self.v(obs)
+
+
+def build_critics(critic_cfg, obs_dim: int, act_dim: int) -> Critics:
+    """The :class:`Critics` a ``critic`` config section describes (pretraining and finetuning build the same)."""
+    return Critics(obs_dim, act_dim, list(critic_cfg.hidden), critic_cfg.activation, critic_cfg.twin_q,
+                   dropout=critic_cfg.dropout, residual=critic_cfg.residual, vib_size=critic_cfg.vib_size)
+
+
+def weight_penalty(modules: Sequence[nn.Module], l2: float, l1: float) -> torch.Tensor:
+    """``l2 * sum ||W||_2^2 + l1 * sum |W|_1`` over the weight matrices of every Linear layer in ``modules``
+    (biases and normalizers excluded)."""
+    total = torch.zeros(())
+    if not (l2 or l1):
+        return total
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, nn.Linear):
+                if l2:
+                    total = total + l2 * m.weight.pow(2).sum()
+                if l1:
+                    total = total + l1 * m.weight.abs().sum()
+    return total
+
+
+def dr3_term(feat: torch.Tensor, next_feat: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DR3 (Kumar et al. 2021): ``mean_b sum_i phi_i(s, a) . phi_i(s', a')`` for features ``[H, B, f]``; rows
+    with ``mask == 0`` (terminal transitions, which bootstrap from nothing) are left out."""
+    dots = (feat * next_feat).sum(-1).sum(0)  # [B]
+    if mask is None:
+        return dots.mean()
+    m = mask.to(dots.dtype)
+    return (dots * m).sum() / m.sum().clamp(min=1.0)
+
+
+def correction_loss(critics: Critics, cfg, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor,
+                    next_actions: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                    train_v: bool) -> tuple[torch.Tensor, dict]:
+    """The loss-side corrections of a critic update (``cfg``: the ``critic`` config section):
+
+    ``L_corr = vib_weight * mean_b [ sum_i KL_i(s, a) (+ KL_V(s) when V trains) ]
+             + dr3_weight * mean_b sum_i phi_i(s, a) . phi_i(s', a')
+             + weight_decay * sum ||W||^2 + l1 * sum |W|``
+
+    ``a'`` is the action the algorithm bootstraps with (the dataset's next action for IQL/SARSA/MC, a policy
+    sample for CQL/BRAC); ``mask`` drops terminal rows from DR3. Returns (loss, metrics).
+    """
+    loss = torch.zeros(())
+    m: dict[str, float] = {}
+    if cfg.vib_size > 0 and cfg.vib_weight > 0:
+        _, _, kl = critics.q.forward_aux(obs, actions)
+        kl_total = kl.sum(0).mean()
+        if train_v:
+            kl_total = kl_total + critics.v.forward_aux(obs)[2].mean()
+        loss = loss + cfg.vib_weight * kl_total
+        m["vib_kl"] = float(kl_total.detach())
+    if cfg.dr3_weight > 0:
+        if next_actions is None:
+            raise ValueError("critic.dr3_weight needs the next actions the targets use")
+        _, feat, _ = critics.q.forward_aux(obs, actions)
+        _, nfeat, _ = critics.q.forward_aux(next_obs, next_actions)
+        d = dr3_term(feat, nfeat, mask)
+        loss = loss + cfg.dr3_weight * d
+        m["dr3"] = float(d.detach())
+    if cfg.weight_decay or cfg.l1:
+        mods = [critics.q] + ([critics.v] if train_v else [])
+        loss = loss + weight_penalty(mods, cfg.weight_decay, cfg.l1)
+    return loss, m
 
 
 def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from offrl.errors import OffrlError
 
 def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any, dict, Any, Optional[Any], Optional[Any], Path]:
     """Actor (+ critics / value net) from the pretrained checkpoint; the env follows the checkpoint's."""
-    from offrl.algos.critics import Critics, VNet
+    from offrl.algos.critics import VNet, build_critics
     from offrl.algos.networks import GaussianActor
     from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
 
@@ -66,7 +66,7 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
     critics = value = None
     if has_critics:
         sc = saved.critic
-        critics = Critics(arch["obs_dim"], arch["act_dim"], list(sc.hidden), sc.activation, sc.twin_q)
+        critics = build_critics(sc, arch["obs_dim"], arch["act_dim"])
         load_checkpoint(ckpt, {"critics": critics}, parts=["critics"], restore_rng=False)
     if needs.needs_value:
         if critics is not None:  # warm start from the pretrained V

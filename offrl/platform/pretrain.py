@@ -21,7 +21,16 @@ from offrl.errors import OffrlError
 
 # learner metric key -> logged metric name
 _TRAIN_NAMES = {"actor_loss": M.TRAIN_ACTOR_LOSS, "lr": M.TRAIN_LR, "v_loss": M.TRAIN_V_LOSS, "q_loss": M.TRAIN_Q_LOSS,
-                "q_mean": M.TRAIN_Q_MEAN, "v_mean": M.TRAIN_V_MEAN, "weight_mean": M.TRAIN_WEIGHT_MEAN}
+                "q_mean": M.TRAIN_Q_MEAN, "v_mean": M.TRAIN_V_MEAN, "weight_mean": M.TRAIN_WEIGHT_MEAN,
+                "vib_kl": M.TRAIN_VIB_KL, "dr3": M.TRAIN_DR3, "entropy": M.TRAIN_ENTROPY,
+                "alpha": M.TRAIN_ENTROPY_ALPHA, "cql_alpha": M.TRAIN_CQL_ALPHA,
+                "cql_gap": M.WF_CQL_REGULARIZER, "brac_divergence": M.WF_BRAC_DIVERGENCE}
+# learner.workflow_metrics key -> logged metric name (Kumar et al.'s curves; offrl workflow reads them)
+_WORKFLOW_NAMES = {"dataset_q_train": M.WF_DATASET_Q_TRAIN, "dataset_q_val": M.WF_DATASET_Q_VAL,
+                   "policy_q": M.WF_POLICY_Q, "td_error_train": M.WF_TD_ERROR_TRAIN,
+                   "td_error_val": M.WF_TD_ERROR_VAL, "action_mse": M.WF_ACTION_MSE}
+# rows of the fixed training sample the workflow curves are measured on
+WORKFLOW_SAMPLE = 2048
 _VAL_NAMES = {"actor_val_loss": M.VAL_ACTOR_LOSS, "action_mse": M.VAL_ACTION_MSE, "td_error": M.VAL_TD_ERROR, "mc_error": M.VAL_MC_ERROR,
               "q_mean": M.VAL_Q_MEAN, "v_mean": M.VAL_V_MEAN, "adv_mean": M.VAL_ADVANTAGE_MEAN,
               "adv_std": M.VAL_ADVANTAGE_STD}
@@ -58,8 +67,11 @@ def training_tensors(ds: Any, gamma: float, reward: Optional[str], bonus: float 
         if "rewards; available" in str(e):
             raise OffrlError(f"{str(e).split(' (')[0]}: the critics need rewards; {_NO_REWARD_FIX}") from None
         raise
+    # the dataset's next action (SARSA's a'; DR3's bootstrap action); an episode's last step repeats its own
+    nxt = torch.cat([t["action"][1:], t["action"][-1:]])
+    nxt[t["last"]] = t["action"][t["last"]]
     return {"obs": t["obs"], "actions": t["action"], "rewards": t["reward"], "next_obs": t["next_obs"],
-            "terminated": t["terminated"], "truncated": t["truncated"],
+            "next_actions": nxt, "terminated": t["terminated"], "truncated": t["truncated"],
             "mc_return": ds.mc_returns(gamma, reward, success_bonus=bonus)}
 
 
@@ -83,7 +95,7 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
                   total_steps: int = 0):
     """Networks and the learner for ``cfg.pretrain``: an OfflineLearner (Gaussian actor and/or critics) or,
     for ``policy.kind`` mlp_chunk / diffusion, a SequenceBCLearner."""
-    from offrl.algos.critics import Critics
+    from offrl.algos.critics import build_critics
     from offrl.algos.networks import GaussianActor
     from offrl.algos.offline import OfflineLearner
 
@@ -102,13 +114,40 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
                 log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
                 action_high=[float(x) for x in action_high], min_log_std=p.min_log_std)
     actor = GaussianActor(**arch) if pc.trains_actor else None
-    critics = (Critics(obs_dim, act_dim, list(cfg.critic.hidden), cfg.critic.activation, cfg.critic.twin_q)
-               if pc.critic_mode else None)
+    critics = build_critics(cfg.critic, obs_dim, act_dim) if pc.critic_mode else None
+    if pc.conservative:
+        from offrl.algos.conservative import ConservativeLearner
+
+        learner = ConservativeLearner(actor, critics, pc, cfg.critic, seed=cfg.seed)
+        if pc.algo == "brac":  # the behaviour policy's module exists from the start: checkpoints restore it
+            b_arch = behavior_arch(cfg, arch)
+            learner.behavior = GaussianActor(**b_arch)
+        return learner, arch
     learner = OfflineLearner(actor, critics, actor_mode=pc.actor_mode, critic_mode=pc.critic_mode, tau=pc.tau,
                              gamma=pc.gamma, beta=pc.beta, max_weight=pc.max_weight, target_tau=pc.target_tau,
                              actor_lr=pc.actor_lr, critic_lr=pc.critic_lr, bc_loss=pc.bc_loss,
-                             grad_clip=pc.grad_clip, seed=cfg.seed)
+                             grad_clip=pc.grad_clip, seed=cfg.seed, critic_cfg=cfg.critic)
     return learner, arch
+
+
+def behavior_arch(cfg: Any, arch: dict) -> dict:
+    """BRAC's behaviour-policy architecture: that of ``pretrain.behavior_checkpoint``'s actor, or the actor's."""
+    path = cfg.pretrain.behavior_checkpoint
+    if not path:
+        return dict(arch)
+    from offrl.platform.checkpoint import checkpoint_json, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    b = checkpoint_json(ckpt, "training_state/state.json").get("actor_arch")
+    if not b or b.get("kind", "mlp") != "mlp":
+        raise OffrlError(f"pretrain.behavior_checkpoint {path}: needs a Gaussian MLP actor (policy.kind=mlp), "
+                         f"got {'none' if not b else b.get('kind')}")
+    b = {k: v for k, v in b.items() if k != "kind"}
+    for k in ("obs_dim", "act_dim", "squash", "action_low", "action_high"):
+        if b.get(k) != arch.get(k):
+            raise OffrlError(f"pretrain.behavior_checkpoint {path}: its actor's {k} {b.get(k)} does not match "
+                             f"this run's {arch.get(k)}")
+    return b
 
 
 def actor_spec(actor: Any, arch: dict, deterministic: bool = True) -> dict:
@@ -320,8 +359,12 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                 parts = list(init_parts) if init_parts else list(learner.modules())
                 load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
                 log(f"[offrl] initialised {', '.join(parts)} from {init_from}")
+            if pc.algo == "brac":
+                _setup_behavior(cfg, learner, data, log)
             best = math.inf
             logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard) if lead else None
+        if pc.algo == "brac" and resume:
+            learner.set_behavior(learner.behavior)
         if world > 1:  # every worker starts from rank 0's weights, as DistributedDataParallel does
             _broadcast_modules(learner.modules())
 
@@ -339,6 +382,12 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         select = pc.select if pc.select != "auto" else ("last" if cfg.policy.kind == "diffusion" else "best")
         evaluated = f"last (epoch {pc.epochs})"
         val_key = "actor_val_loss" if learner.actor is not None else ("mc_error" if pc.critic_mode == "mc" else "td_error")
+        wf_train = None
+        if pc.critic_mode and not seq:  # the fixed training rows the workflow curves are measured on
+            src = data if cdata is None else cdata
+            nsrc = next(iter(src.values())).shape[0]
+            pick = torch.randperm(nsrc, generator=torch.Generator().manual_seed(cfg.seed + 2))[:WORKFLOW_SAMPLE]
+            wf_train = {k: x[pick] for k, x in src.items()}
         bar = progress(pc.epochs - start_epoch, f"pretrain {pc.algo}", cfg.run.progress and lead, unit="epoch")
         summary = None
         for epoch in range(start_epoch + 1, pc.epochs + 1):
@@ -368,6 +417,9 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
                 continue
             vm = ({} if vdata is None else learner.validate(vdata) if cvdata is None else learner.validate(vdata, cvdata))
             row.update({_VAL_NAMES[k]: v for k, v in vm.items() if k in _VAL_NAMES})
+            if wf_train is not None:
+                wm = learner.workflow_metrics(wf_train, vdata if cvdata is None else cvdata)
+                row.update({_WORKFLOW_NAMES[k]: v for k, v in wm.items()})
             if pool is not None and pc.eval_every and epoch % pc.eval_every == 0 and epoch != pc.epochs:
                 row.update(eval_metrics(run_eval(pc.eval_episodes)))
             score = vm.get(val_key, math.inf)
@@ -423,6 +475,22 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     finally:
         if pool is not None and _worker is None:  # a worker's pool belongs to the driver
             pool.shutdown()
+
+
+def _setup_behavior(cfg: Any, learner: Any, data: dict, log: Any) -> None:
+    """BRAC's behaviour policy: ``pretrain.behavior_checkpoint``'s actor, or BC trained here first."""
+    from offrl.platform.checkpoint import load_checkpoint, resolve_checkpoint
+
+    pc = cfg.pretrain
+    if pc.behavior_checkpoint:
+        ckpt = resolve_checkpoint(pc.behavior_checkpoint)
+        load_checkpoint(ckpt, {"actor": learner.behavior}, parts=["actor"], restore_rng=False)
+        learner.set_behavior(learner.behavior)
+        log(f"[offrl] brac behaviour policy: the actor of {ckpt}")
+        return
+    loss = learner.train_behavior(learner.behavior, data, pc.behavior_steps, pc.batch_size, pc.actor_lr)
+    log(f"[offrl] brac behaviour policy: BC for {pc.behavior_steps} steps on the training episodes "
+        f"(last loss {loss:.3f})")
 
 
 def _broadcast_modules(modules: dict) -> None:
