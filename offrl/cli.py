@@ -90,6 +90,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workflow(args: argparse.Namespace) -> int:
+    from offrl.platform.workflow import Rules, run_workflow
+
+    rules = Rules(smooth=args.smooth, drop_fraction=args.drop_fraction, min_drop=args.min_drop,
+                  td_level=args.td_level, td_decrease=args.td_decrease, cql_level=args.cql_level, tail=args.tail)
+    print(run_workflow(args.path, rules))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -181,6 +190,47 @@ def build_parser() -> argparse.ArgumentParser:
                          "the same rounds as an uninterrupted run); give the same config, a larger "
                          "finetune.iterations extends the run")
     ft.set_defaults(func=cmd_finetune)
+
+    from offrl.platform.workflow import Rules
+
+    d = Rules()
+    wf = sub.add_parser(
+        "workflow", help="offline RL workflow: overfitting / underfitting, correction and checkpoint from the curves",
+        description="The workflow of Kumar et al. (CoRL 2021), from a pretraining run's workflow/* curves alone "
+                    "(no online evaluation): the regime (overfitting: dataset Q rises then falls; underfitting: "
+                    "TD error or CQL's gap stays large; both: overfitting is addressed first) with its evidence, the "
+                    "correction the paper recommends as "
+                    "config overrides (overfitting: critic.vib_size, critic.dropout, critic.weight_decay, "
+                    "critic.l1; underfitting: critic.hidden, critic.residual, critic.dr3_weight) and the checkpoint "
+                    "to use (overfitting: the saved one nearest the dataset-Q peak; otherwise the last). Writes "
+                    "workflow.json and workflow.png into the run directory. Given a folder of runs (a sweep), "
+                    "analyses each and ranks them: not underfitting first, then the held-out dataset Q at the "
+                    "selected checkpoint, higher first; writes workflow.json there too and prints the ranking.",
+        epilog="Formulas: the docstring of offrl.platform.workflow. eval/success_rate is shown when logged, "
+               "never used.")
+    wf.add_argument("path", help="a pretraining run directory (metrics.csv + checkpoints/<epoch>/), or a folder "
+                                 "searched recursively for run directories (a sweep)")
+    wf.add_argument("--smooth", type=int, default=d.smooth, metavar="EPOCHS",
+                    help="window of the running median applied to every curve, odd; 1 disables (default: %(default)s)")
+    wf.add_argument("--drop-fraction", type=float, default=d.drop_fraction, metavar="F",
+                    help="overfitting needs the smoothed dataset Q to end at least F x its rise (start to peak) "
+                         "below its peak (default: %(default)s)")
+    wf.add_argument("--min-drop", type=float, default=d.min_drop, metavar="F",
+                    help="... and at least F x max |dataset Q| below it, so a flat noisy curve is no peak "
+                         "(default: %(default)s)")
+    wf.add_argument("--td-level", type=float, default=d.td_level, metavar="L",
+                    help="underfitting needs the final smoothed TD error >= L x (mean |dataset Q| over the tail)^2 "
+                         "(default: %(default)s)")
+    wf.add_argument("--td-decrease", type=float, default=d.td_decrease, metavar="F",
+                    help="... and a fall over the tail below F (the least-squares line's fall across the tail "
+                         "relative to the tail's mean); the same for the CQL gap (default: %(default)s)")
+    wf.add_argument("--cql-level", type=float, default=d.cql_level, metavar="L",
+                    help="the CQL gap stays large when its final smoothed value >= L x mean |dataset Q| over the "
+                         "tail (and it falls less than --td-decrease) (default: %(default)s)")
+    wf.add_argument("--tail", type=float, default=d.tail, metavar="F",
+                    help="the last fraction of logged epochs (at least 2) over which trends and the Q scale are "
+                         "measured, in (0, 1] (default: %(default)s)")
+    wf.set_defaults(func=cmd_workflow)
 
     c = sub.add_parser("config", help="show the resolved config or document every key",
                        description="Inspect configuration.")
