@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(r)
     r.set_defaults(func=cmd_rollout)
 
-    pt = sub.add_parser("pretrain", help="offline pretraining: BC, critic_mc, IQL, SARSA (and bc+critic combos)",
+    pt = sub.add_parser("pretrain", help="offline pretraining: BC, critic_mc, IQL, SARSA (and bc+critic combos), CQL, BRAC",
                         description="Train a policy and/or critics offline on a ManiSkill-format dataset "
                                     "(pretrain.dataset), evaluate the policy on SimHost actors, and write a run "
                                     "directory with metrics, checkpoints/<epoch>/, checkpoints/best/ and eval.json.")

@@ -46,6 +46,7 @@ from torch import nn
 from offrl.algos.bc import bc_loss
 from offrl.algos.critics import Critics, correction_loss, expectile_loss
 from offrl.algos.networks import GaussianActor
+from offrl.algos.offline import LearnerState
 from offrl.algos.optim import guarded_step
 from offrl.algos.sac import _sample, out_of_bounds
 
@@ -80,7 +81,7 @@ def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
 
 
-class ConservativeLearner:
+class ConservativeLearner(LearnerState):
     """CQL / BRAC learner with the interface of :class:`offrl.algos.offline.OfflineLearner`."""
 
     def __init__(self, actor: GaussianActor, critics: Critics, pc: Any, critic_cfg: Any, seed: int = 0):
@@ -96,18 +97,13 @@ class ConservativeLearner:
         self.alpha_opt = torch.optim.Adam([self.temps.log_alpha], lr=pc.actor_lr)
         self.cql_alpha_opt = torch.optim.Adam([self.temps.log_cql_alpha], lr=pc.critic_lr)
         self.behavior: Optional[GaussianActor] = None
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.critic_gen = torch.Generator().manual_seed(int(seed) + 1)
-        self.step = 0
+        self._init_state(seed)
         self.critic_mode = pc.algo
 
     # ------------------------------------------------------------------ data
     def fit_normalizers(self, obs: torch.Tensor, critic_obs: Optional[torch.Tensor] = None) -> None:
         self.actor.normalizer.update(obs)
         self.critics.update_normalizers(obs if critic_obs is None else critic_obs)
-
-    def permutation(self, n: int, critics: bool = False) -> torch.Tensor:
-        return torch.randperm(n, generator=self.critic_gen if critics else self.gen)
 
     def set_behavior(self, behavior: GaussianActor) -> None:
         """BRAC's frozen behaviour policy (same action bounds and squashing as the actor)."""
@@ -276,12 +272,3 @@ class ConservativeLearner:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor_opt, "critics": self.critic_opt, "alpha": self.alpha_opt,
                 "cql_alpha": self.cql_alpha_opt}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"learner": self.gen, "critic_data": self.critic_gen}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"learner_step": self.step}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.step = int(state.get("learner_step", 0))

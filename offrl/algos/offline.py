@@ -10,7 +10,11 @@ critic_mc       V, Q regress on MC returns G_t         --
 iql             expectile V (tau), TD Q                max exp(beta A) log pi(a|s)
 sarsa           expectile V (tau = 0.5), TD Q          max exp(beta A) log pi(a|s)
 bc+<critic>     as <critic>                            max log pi(a|s)
+cql, brac       see :mod:`offrl.algos.conservative`    (:class:`ConservativeLearner`)
 ==============  =====================================  ==================================
+
+Every critic algorithm takes the workflow's corrections (``critic.*``, :func:`offrl.algos.critics.correction_loss`)
+and reports the workflow's curves (:func:`workflow_metrics`).
 
 Batch contract (``[B]``-shaped unless noted): obs ``[B, d]``, actions ``[B, a]``, rewards,
 next_obs ``[B, d]``, terminated, truncated, mc_return.
@@ -30,7 +34,36 @@ from offrl.algos.networks import GaussianActor
 from offrl.algos.optim import guarded_step
 
 
-class OfflineLearner:
+class LearnerState:
+    """What every offline learner saves beside its modules and optimizers: the data-order generators (its own,
+    and that of a separate critic dataset) and the gradient-step counter."""
+
+    gen: torch.Generator
+    critic_gen: torch.Generator
+    step: int
+
+    def _init_state(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(int(seed))
+        # the critics' own data order when they train on another dataset (the actor's order stays as without it)
+        self.critic_gen = torch.Generator().manual_seed(int(seed) + 1)
+        self.step = 0
+
+    def permutation(self, n: int, critics: bool = False) -> torch.Tensor:
+        """A shuffled index order drawn from the learner's own generator (saved in checkpoints);
+        ``critics=True`` draws from the generator of the critics' separate dataset."""
+        return torch.randperm(n, generator=self.critic_gen if critics else self.gen)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"learner": self.gen, "critic_data": self.critic_gen}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"learner_step": self.step}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state.get("learner_step", 0))
+
+
+class OfflineLearner(LearnerState):
     """Networks + optimizers for offline pretraining; ``update(batch) -> metrics``; exact-resume state."""
 
     def __init__(self, actor: Optional[GaussianActor], critics: Optional[Critics], *, actor_mode: Optional[str],
@@ -50,10 +83,7 @@ class OfflineLearner:
         if critics is not None and critic_mode:
             params = list(critics.v.parameters()) + list(critics.q.parameters())
             self.critic_opt = torch.optim.Adam(params, lr=critic_lr)
-        self.gen = torch.Generator().manual_seed(int(seed))
-        # the critics' own data order when they train on another dataset (the actor's order stays as without it)
-        self.critic_gen = torch.Generator().manual_seed(int(seed) + 1)
-        self.step = 0
+        self._init_state(seed)
 
     # ------------------------------------------------------------------ data
     def fit_normalizers(self, obs: torch.Tensor, critic_obs: Optional[torch.Tensor] = None) -> None:
@@ -63,11 +93,6 @@ class OfflineLearner:
             self.actor.normalizer.update(obs)
         if self.critics is not None:
             self.critics.update_normalizers(obs if critic_obs is None else critic_obs)
-
-    def permutation(self, n: int, critics: bool = False) -> torch.Tensor:
-        """A shuffled index order drawn from the learner's own generator (saved in checkpoints);
-        ``critics=True`` draws from the generator of the critics' separate dataset."""
-        return torch.randperm(n, generator=self.critic_gen if critics else self.gen)
 
     # ---------------------------------------------------------------- update
     def _opt_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, what: str) -> None:
@@ -160,15 +185,6 @@ class OfflineLearner:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {k: o for k, o in (("actor", self.actor_opt), ("critics", self.critic_opt)) if o is not None}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"learner": self.gen, "critic_data": self.critic_gen}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"learner_step": self.step}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.step = int(state.get("learner_step", 0))
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def test_cql_makes_q_prefer_dataset_actions():
     # every dataset action is +0.5 in both dims; CQL pushes Q down elsewhere in the box, plain TD does not
     def train(alpha):
         torch.manual_seed(0)
-        learner = _learner("cql", f"pretrain.cql_alpha={alpha}", "pretrain.critic_lr=3e-3")
+        learner = _learner("cql", f"pretrain.cql_alpha={alpha}", "pretrain.critic_lr=3e-3", "pretrain.cql_samples=4")
         b = _batch()
         b["actions"] = torch.full_like(b["actions"], 0.5)
         learner.fit_normalizers(b["obs"])
