@@ -193,6 +193,8 @@ def main() -> int:
             if not args.report_only:
                 run = train(name, root, log)
                 evals = evaluate_checkpoints(run, args.episodes, pool_box, log)
+                if "pool" in pool_box:  # the next run's training makes its own SimHosts
+                    pool_box.pop("pool").shutdown()
             else:
                 cache = run / "checkpoint_evals.json"
                 if not cache.exists():
