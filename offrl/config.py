@@ -55,6 +55,7 @@ class EnvConfig(_Checked):
         "normalized_dense", "ManiSkill reward mode.")
     max_episode_steps: int = _f(50, "Time limit tracked by offrl (ManiSkill's counter is not in saved states).")
     sim_config: dict = _f({}, "Extra sim_config passed to gym.make (advanced).")
+    kwargs: dict = _f({}, "The task's own gym.make keywords, e.g. {distance_threshold: 0.02} for offrl/PickPlaceA-v1.")
 
     def check(self) -> None:
         if self.num_envs < 1:

@@ -338,6 +338,7 @@ def collect(cfg: Any, progress: Optional[bool] = None, write: bool = True,
                       reward_mode=cfg.env.reward_mode, sim_backend="physx_cpu")
     if cfg.env.sim_config:
         env_kwargs["sim_config"] = dict(cfg.env.sim_config)
+    env_kwargs.update(dict(cfg.env.kwargs))  # the task's own keywords, as gym.make takes them
     meta = {
         "env_info": {"env_id": cfg.env.id, "env_kwargs": env_kwargs, "max_episode_steps": int(max_steps)},
         "source_type": "offrl-scripted-expert",

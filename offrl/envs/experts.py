@@ -169,13 +169,89 @@ class PickCubeExpert(ScriptedExpert):
         return out
 
 
+class PickPlaceExpert(PickCubeExpert):
+    """offrl's pick-and-place tasks (``offrl/PickPlaceA-v1``, ``offrl/PickPlaceB-v1``) in ``pd_ee_delta_pos``.
+
+    PickCubeExpert's grasp (hover, descend, close, lift), then: carry the cube over the goal at
+    ``carry_height``, lower it until it rests on the table, open the gripper and hold still for
+    ``release_steps``, and lift straight up until the tool-centre point is ``retreat_height`` above the cube
+    (the tasks succeed once the gripper is clear of a resting cube). The same machine solves both tasks: it
+    reads the cube and the goal, wherever they are. A cube dropped before release is grasped again.
+    """
+
+    HOVER, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT = range(8)
+    carry_height = 0.08    # m: cube centre height while carried
+    place_tol = 0.004      # m: the cube is over the goal (xy) before lowering
+    release_steps = 4      # control steps with the gripper opening before lifting off
+    retreat_height = 0.1   # m: TCP above the cube centre at the end
+    max_step = {HOVER: 1.0, DESCEND: 0.6, CLOSE: 0.0, LIFT: 0.8, CARRY: 0.6, LOWER: 0.4, RELEASE: 0.0,
+                RETREAT: 0.8}
+
+    def privileged(self, env: Any) -> dict[str, np.ndarray]:
+        goal = _np(env.goal_site.pose.p).copy()
+        goal[:, 2] = 0.02  # where the cube's centre rests on the table (the tasks' 4 cm cube)
+        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": goal}
+
+    def resume(self, s: dict[str, np.ndarray], ids: Any, envs: list) -> None:
+        """A restored scene: holding the cube -> LIFT/CARRY (keeping the offset); the cube resting within
+        reach of the goal with the gripper away -> RETREAT; otherwise start over."""
+        super().resume(s, ids, envs)
+        for i in ids:
+            on_goal = np.linalg.norm((s["cube"][i] - s["goal"][i])[:2]) < 0.02 and s["cube"][i][2] < 0.025
+            if on_goal and self.phase[i] not in (self.LIFT, self.CARRY):
+                self.phase[i] = self.RETREAT
+
+    def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        ph = self.phase[i]
+        if ph in (self.LIFT, self.CARRY, self.LOWER) and np.linalg.norm(tcp - cube) > self.drop_dist:
+            ph = self.HOVER  # dropped on the way: grasp again
+        if ph == self.HOVER:
+            target = cube + [0.0, 0.0, self.hover_height]
+            if np.linalg.norm((cube - tcp)[:2]) < self.xy_tol:
+                ph = self.DESCEND
+        if ph == self.DESCEND:
+            target = cube.copy()
+            if abs(tcp[2] - cube[2]) < self.z_tol:
+                ph, self.counter[i], self.anchor[i] = self.CLOSE, 0, tcp
+        if ph == self.CLOSE:
+            target = self.anchor[i]
+            self.counter[i] += 1
+            if self.counter[i] > self.close_steps:
+                ph, self.offset[i] = self.LIFT, tcp - cube
+        if ph == self.LIFT:
+            target = np.array([tcp[0], tcp[1], self.carry_height + self.offset[i, 2]])
+            if tcp[2] > self.carry_height + self.offset[i, 2] - 0.01:
+                ph = self.CARRY
+        if ph == self.CARRY:
+            target = np.array([goal[0], goal[1], self.carry_height]) + self.offset[i]
+            if np.linalg.norm((goal - cube)[:2]) < self.place_tol:
+                ph = self.LOWER
+        if ph == self.LOWER:
+            target = goal + self.offset[i]
+            if cube[2] < goal[2] + 0.003:
+                ph, self.counter[i], self.anchor[i] = self.RELEASE, 0, tcp
+        if ph == self.RELEASE:
+            target = self.anchor[i]
+            self.counter[i] += 1
+            if self.counter[i] > self.release_steps:
+                ph = self.RETREAT
+        if ph == self.RETREAT:
+            target = np.array([tcp[0], tcp[1], cube[2] + self.retreat_height])
+        self.phase[i] = ph
+        out = np.empty(4)
+        out[:3] = self._move(tcp, target, self.max_step[ph])
+        out[3] = 1.0 if ph in (self.HOVER, self.DESCEND, self.RELEASE, self.RETREAT) else -1.0
+        return out
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 #: expert name -> class
-EXPERTS: dict[str, type[ScriptedExpert]] = {"pickcube": PickCubeExpert}
+EXPERTS: dict[str, type[ScriptedExpert]] = {"pickcube": PickCubeExpert, "pickplace": PickPlaceExpert}
 
 #: ManiSkill env id -> name of the expert that solves it
-TASK_EXPERTS: dict[str, str] = {"PickCube-v1": "pickcube"}
+TASK_EXPERTS: dict[str, str] = {"PickCube-v1": "pickcube", "offrl/PickPlaceA-v1": "pickplace",
+                                 "offrl/PickPlaceB-v1": "pickplace"}
 
 
 def expert_for_env(env_id: str) -> str:

@@ -30,6 +30,8 @@ def _import_maniskill():
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
+    import offrl.envs.tasks  # noqa: F401  (registers offrl's own tasks)
+
     logging.getLogger("mani_skill").setLevel(logging.ERROR)
     return gym
 
@@ -105,11 +107,16 @@ def make_maniskill_env(env_id: str, *, num_envs: int, sim_backend: str, control_
             raise OffrlError(f"{_NO_VULKAN}; run scripts/setup_system.sh "
                              "(Mesa >= 24.3 lavapipe on CPU machines)") from None
         raise
-    except Exception as e:  # ManiSkill checks sim_config with dacite (strict): an unknown or mistyped field
-        if not sim_config or not (isinstance(e, TypeError) or type(e).__module__.split(".")[0] == "dacite"):
+    except OffrlError:
+        raise
+    except Exception as e:  # ManiSkill checks sim_config with dacite (strict); a task refuses unknown keywords
+        if not (sim_config or extra) or not (isinstance(e, TypeError) or type(e).__module__.split(".")[0] == "dacite"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OffrlError(f"cannot build {env_id}: env.sim_config {sim_config!r} was refused: {msg}") from None
+        what = f"env.sim_config {sim_config!r}" if sim_config else f"env.kwargs {extra!r}"
+        if sim_config and extra:
+            what = f"env.sim_config {sim_config!r} or env.kwargs {extra!r}"
+        raise OffrlError(f"cannot build {env_id}: {what} was refused: {msg}") from None
     u = env.unwrapped
     space = u.single_observation_space
     if not (hasattr(space, "shape") and space.shape is not None and len(space.shape) == 1):
@@ -152,15 +159,17 @@ class ManiSkillCPUSim:
 
     def __init__(self, env_id: str = "PickCube-v1", num_envs: int = 1, control_mode: str = "pd_ee_delta_pos",
                  obs_mode: str = "state", reward_mode: str = "normalized_dense", max_episode_steps: int = 50,
-                 sim_config: Optional[dict] = None, autoreset: bool = True):
+                 sim_config: Optional[dict] = None, autoreset: bool = True, task_kwargs: Optional[dict] = None):
         self.env_id = env_id
         self.num_envs = int(num_envs)
         self.autoreset = autoreset
         self.envs = [make_maniskill_env(env_id, num_envs=1, sim_backend="physx_cpu", control_mode=control_mode,
-                                        obs_mode=obs_mode, reward_mode=reward_mode, sim_config=sim_config)
+                                        obs_mode=obs_mode, reward_mode=reward_mode, sim_config=sim_config,
+                                        extra=task_kwargs)
                      for _ in range(self.num_envs)]
         _init_common(self, self.envs[0], max_episode_steps, dict(control_mode=control_mode, obs_mode=obs_mode,
-                                                                 reward_mode=reward_mode, sim_backend="physx_cpu"))
+                                                                 reward_mode=reward_mode, sim_backend="physx_cpu",
+                                                                 **(task_kwargs or {})))
 
     # -- helpers
     def _reset_one(self, i: int, seed: int) -> np.ndarray:
@@ -251,7 +260,7 @@ class ManiSkillGPUSim:
 
     def __init__(self, env_id: str = "PickCube-v1", num_envs: int = 512, control_mode: str = "pd_ee_delta_pos",
                  obs_mode: str = "state", reward_mode: str = "normalized_dense", max_episode_steps: int = 50,
-                 sim_config: Optional[dict] = None, autoreset: bool = True):
+                 sim_config: Optional[dict] = None, autoreset: bool = True, task_kwargs: Optional[dict] = None):
         import torch
 
         if not torch.cuda.is_available():
@@ -262,10 +271,11 @@ class ManiSkillGPUSim:
         self.autoreset = autoreset
         self.env = make_maniskill_env(env_id, num_envs=self.num_envs, sim_backend="physx_cuda",
                                       control_mode=control_mode, obs_mode=obs_mode, reward_mode=reward_mode,
-                                      sim_config=sim_config)
+                                      sim_config=sim_config, extra=task_kwargs)
         self.device = self.env.device
         _init_common(self, self.env, max_episode_steps, dict(control_mode=control_mode, obs_mode=obs_mode,
-                                                             reward_mode=reward_mode, sim_backend="physx_cuda"))
+                                                             reward_mode=reward_mode, sim_backend="physx_cuda",
+                                                             **(task_kwargs or {})))
 
     @property
     def elapsed_steps(self) -> np.ndarray:
@@ -354,12 +364,13 @@ def probe_env(env_cfg: Any) -> Optional[dict]:
     build simulators at all (no Vulkan device, e.g. a head node without one): the actors then decide.
     """
     key = (env_cfg.id, env_cfg.control_mode, env_cfg.obs_mode, env_cfg.reward_mode,
-           repr(sorted(dict(env_cfg.sim_config).items())))
+           repr(sorted(dict(env_cfg.sim_config).items())), repr(sorted(dict(env_cfg.kwargs).items())))
     if key not in _PROBED:
         try:
             u = make_maniskill_env(env_cfg.id, num_envs=1, sim_backend="physx_cpu",
                                    control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode,
-                                   reward_mode=env_cfg.reward_mode, sim_config=dict(env_cfg.sim_config) or None)
+                                   reward_mode=env_cfg.reward_mode, sim_config=dict(env_cfg.sim_config) or None,
+                                   extra=dict(env_cfg.kwargs) or None)
         except OffrlError as e:
             if str(e).startswith(_NO_VULKAN):
                 return None
@@ -383,7 +394,7 @@ def make_sim(env_cfg: Any, autoreset: bool = True):
     return cls(env_id=env_cfg.id, num_envs=env_cfg.num_envs, control_mode=env_cfg.control_mode,
                obs_mode=env_cfg.obs_mode, reward_mode=env_cfg.reward_mode,
                max_episode_steps=env_cfg.max_episode_steps, sim_config=dict(env_cfg.sim_config) or None,
-               autoreset=autoreset)
+               autoreset=autoreset, task_kwargs=dict(env_cfg.kwargs) or None)
 
 
 # Silence SAPIEN's render-device chatter in subprocesses too.
