@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules with a ``register(subparsers)`` function adding their commands; each defines its own
 # ``func`` per command and raises OffrlError for user mistakes.
-_COMMAND_MODULES: list[str] = ["offrl.data.cli", "offrl.stats.cli", "offrl.platform.sweep_cli"]
+_COMMAND_MODULES: list[str] = ["offrl.data.cli", "offrl.stats.cli", "offrl.platform.sweep_cli", "offrl.platform.rev2fwd_cli"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

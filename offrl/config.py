@@ -594,6 +594,31 @@ class FinetuneConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class IterateConfig(_Checked):
+    """The reverse-to-forward loop (offrl iterate): alternating test -> merge successes -> finetune A and B."""
+
+    policy_a: str = _f("", "Starting checkpoint (or run directory) of the task-A policy (offrl/PickPlaceA-v1).")
+    policy_b: str = _f("", "Starting checkpoint (or run directory) of the task-B policy (offrl/PickPlaceB-v1).")
+    data_a: str = _f("", "Task A's original training data (e.g. time-reversed B demos); successes are merged into it.")
+    data_b: str = _f("", "Task B's original training data; successful B rollouts are merged into it.")
+    root: str = _f("runs/iterate", "Folder of the loop: iter_<i>/ per iteration, iterate.json/md/png.")
+    max_iterations: int = _f(4, "Alternating tests (iterations 0..max_iterations-1); the last one only tests.")
+    chains: int = _f(20, "Chains of each alternating test.")
+    max_cycles: int = _f(10, "A->B cycles after which a chain stops.")
+    horizon: int = _f(0, "Control steps per attempt; 0: policy A's env.max_episode_steps.")
+    steps_per_iter: int = _f(2000, "Gradient steps of each finetuning of A and of B per iteration.")
+    steps_per_epoch: int = _f(200, "Gradient steps per finetuning epoch (its checkpoint and log interval).")
+    eval_episodes: int = _f(20, "Own-task evaluation episodes after each finetuning (the run's eval.json).")
+
+    def check(self) -> None:
+        for key in ("max_iterations", "chains", "max_cycles", "steps_per_iter", "steps_per_epoch", "eval_episodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.horizon < 0:
+            raise ConfigError("horizon", f"must be >= 0, got {self.horizon}")
+
+
+@dataclass(frozen=True)
 class RunConfig(_Checked):
     """Run directory: runs/<experiment>/<trial>/ with config, meta, metrics, TensorBoard, checkpoints."""
 
@@ -625,6 +650,7 @@ class ExperimentConfig(_Checked):
     pretrain: PretrainConfig = _sub(PretrainConfig)
     eval: EvalConfig = _sub(EvalConfig)
     finetune: FinetuneConfig = _sub(FinetuneConfig)
+    iterate: IterateConfig = _sub(IterateConfig)
     run: RunConfig = _sub(RunConfig)
 
     def check(self) -> None:

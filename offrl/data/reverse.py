@@ -19,8 +19,10 @@ is "grasp at a random place, carry, release at the target". For each episode of 
    instead (``1``: the controller's nominal scale). Commands are clipped to the action bounds. The gripper
    closes (``-1``) on the steps that end with the fingers below the middle of their opening range and opens
    (``+1``) otherwise (:func:`gripper_commands`): the reversed release becomes a grasp at the mirrored time.
-4. **Labels.** Success on every reversed state by the partner task's rule; the episode ends at its first
-   success (terminated there), as the partner task's own episodes do. Rewards are recomputed under every
+4. **Labels.** Success on every reversed state by the partner task's rule. The episode runs all the way back
+   to the state the forward episode started from (the arm at rest), terminated there: the partner task's
+   success region is entered a few steps earlier, and an episode cut at that boundary would teach (and replay
+   to) a final state that a centimetre of drift takes back out of it. Rewards are recomputed under every
    reward mode of the partner task.
 
 :func:`replay_reversed` checks the result in the simulator: from each reversed initial state it replays the
@@ -274,8 +276,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     finger = obs[:, ds.field_slice(QPOS_FIELD)][:, -2]
     scale = float(env.agent.controller.controllers["arm"].config.pos_upper)
     actions = rebuild_ee_actions(tcp, finger, scale=scale, gain=gain, dynamics=dynamics)
-    hits = [t for t in range(T) if succ[t + 1]]
-    end = hits[0] + 1 if hits else T                 # actions kept
+    end = T  # the whole path back to the state B started from (the arm at rest)
     rewards: dict[str, np.ndarray] = {}
     modes = [m for m in REWARD_MODES if m in getattr(env, "SUPPORTED_REWARD_MODES", REWARD_MODES)]
     per_mode = {m: [] for m in modes}
@@ -290,10 +291,10 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     if ds.reward_mode in modes:
         rewards["rewards"] = rewards[REWARD_PREFIX + ds.reward_mode]
     success = np.asarray(succ[1 : end + 1], bool)
-    terminated = success.copy()
+    terminated = np.zeros(end, bool)
     truncated = np.zeros(end, bool)
-    if not hits:
-        truncated[-1] = True
+    terminated[-1] = bool(success[-1])
+    truncated[-1] = not success[-1]
     info = {k: v for k, v in e.info.items() if k in ("episode_seed", "control_mode")}
     info.update(reversed_from=int(index), reset_kwargs={},
                 elapsed_steps=int(end), success=bool(success[-1]))

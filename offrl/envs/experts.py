@@ -174,32 +174,42 @@ class PickPlaceExpert(PickCubeExpert):
 
     PickCubeExpert's grasp (hover, descend, close, lift), then: carry the cube over the goal at
     ``carry_height``, lower it until it rests on the table, open the gripper and hold still for
-    ``release_steps``, and lift straight up until the tool-centre point is ``retreat_height`` above the cube
-    (the tasks succeed once the gripper is clear of a resting cube). The same machine solves both tasks: it
-    reads the cube and the goal, wherever they are. A cube dropped before release is grasped again.
+    ``release_steps``, lift straight up until the tool-centre point is ``retreat_height`` above the cube, and go
+    back to the home point (the tasks succeed once the cube rests on the goal and the arm is home). The same
+    machine solves both tasks: it reads the cube, the goal and home, wherever they are. A cube dropped before
+    release is grasped again.
     """
 
-    HOVER, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT = range(8)
+    HOVER, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, HOME = range(9)
     carry_height = 0.08    # m: cube centre height while carried
     place_tol = 0.004      # m: the cube is over the goal (xy) before lowering
     release_steps = 4      # control steps with the gripper opening before lifting off
-    retreat_height = 0.1   # m: TCP above the cube centre at the end
+    retreat_height = 0.08  # m: TCP above the cube centre before heading home
     max_step = {HOVER: 1.0, DESCEND: 0.6, CLOSE: 0.0, LIFT: 0.8, CARRY: 0.6, LOWER: 0.4, RELEASE: 0.0,
-                RETREAT: 0.8}
+                RETREAT: 0.8, HOME: 0.8}
 
     def privileged(self, env: Any) -> dict[str, np.ndarray]:
         goal = _np(env.goal_site.pose.p).copy()
         goal[:, 2] = 0.02  # where the cube's centre rests on the table (the tasks' 4 cm cube)
-        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": goal}
+        home = np.tile(np.asarray(env.home_xyz, np.float64), (goal.shape[0], 1))
+        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": goal, "home": home}
+
+    def clean_action(self, s: dict[str, np.ndarray]) -> np.ndarray:
+        a = np.zeros((self.n, 4))
+        for i in range(self.n):
+            self.home = s["home"][i]
+            a[i] = self._step_one(i, s["tcp"][i], s["cube"][i], s["goal"][i])
+        return a
 
     def resume(self, s: dict[str, np.ndarray], ids: Any, envs: list) -> None:
-        """A restored scene: holding the cube -> LIFT/CARRY (keeping the offset); the cube resting within
-        reach of the goal with the gripper away -> RETREAT; otherwise start over."""
+        """A restored scene: holding the cube -> LIFT/CARRY (keeping the offset); the cube resting on the goal
+        and not held -> RETREAT (HOME when already lifted off); otherwise start over."""
         super().resume(s, ids, envs)
         for i in ids:
             on_goal = np.linalg.norm((s["cube"][i] - s["goal"][i])[:2]) < 0.02 and s["cube"][i][2] < 0.025
             if on_goal and self.phase[i] not in (self.LIFT, self.CARRY):
-                self.phase[i] = self.RETREAT
+                self.phase[i] = self.HOME if s["tcp"][i][2] > s["cube"][i][2] + self.retreat_height - 0.01 \
+                    else self.RETREAT
 
     def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
         ph = self.phase[i]
@@ -237,10 +247,14 @@ class PickPlaceExpert(PickCubeExpert):
                 ph = self.RETREAT
         if ph == self.RETREAT:
             target = np.array([tcp[0], tcp[1], cube[2] + self.retreat_height])
+            if tcp[2] > cube[2] + self.retreat_height - 0.01:
+                ph = self.HOME
+        if ph == self.HOME:
+            target = self.home
         self.phase[i] = ph
         out = np.empty(4)
         out[:3] = self._move(tcp, target, self.max_step[ph])
-        out[3] = 1.0 if ph in (self.HOVER, self.DESCEND, self.RELEASE, self.RETREAT) else -1.0
+        out[3] = 1.0 if ph in (self.HOVER, self.DESCEND, self.RELEASE, self.RETREAT, self.HOME) else -1.0
         return out
 
 

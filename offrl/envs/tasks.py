@@ -18,13 +18,14 @@ judge must follow from ``get_state_dict`` alone (offrl restores states for MC re
 
 **Success** (:meth:`PickPlaceEnv.evaluate`), a function of the state only: the cube's centre lies within
 ``distance_threshold`` (xy) of the goal, the cube rests on the table (centre within 5 mm of its resting
-height, speed below 5 cm/s) and the gripper is clear of it (tool-centre point at least ``clear_distance`` from
-the cube's centre, which rules out a grasp). An episode therefore ends with the cube released and the arm
-lifted off it, which is also what the other task's start looks like.
+height, speed below 5 cm/s) and the arm is back home (tool-centre point within ``home_distance`` of
+``home_xyz``, the rest pose's 17 cm above the table centre; far from the cube, so it is released). An episode
+therefore ends the way the other task starts: cube on the table, arm at rest. That is what makes the tasks
+chain without resets, and what makes a reversed B episode start like an A episode.
 
 **Settings** (``env.kwargs`` in an offrl config, or ``gym.make`` keywords): ``target_xy`` (the ring's centre),
 ``region`` (``[xmin, xmax, ymin, ymax]`` of A's starts and B's goals), ``distance_threshold``,
-``clear_distance``, ``target_noise`` (B's start: uniform jitter of the cube around the target, per axis).
+``home_xyz``, ``home_distance``, ``target_noise`` (B's start: uniform jitter of the cube around the target, per axis).
 
 Importing this module registers both ids (``offrl.envs.maniskill`` imports it before building any env).
 """
@@ -39,36 +40,36 @@ TASK_A = "offrl/PickPlaceA-v1"
 TASK_B = "offrl/PickPlaceB-v1"
 #: the defaults of the settings above (also the documentation of their meaning)
 DEFAULTS = {"target_xy": (0.0, 0.12), "region": (-0.1, 0.1, -0.15, 0.03), "distance_threshold": 0.025,
-            "clear_distance": 0.06, "target_noise": 0.005}
+            "home_xyz": (0.0, 0.0, 0.17), "home_distance": 0.06, "target_noise": 0.005}
 CUBE_HALF = 0.02
 REST_TOL = 0.005       # m: cube centre within this of its resting height counts as on the table
 REST_SPEED = 0.05      # m/s: cube slower than this counts as resting
 
 
 def _check_settings(target_xy: Sequence[float], region: Sequence[float], distance_threshold: float,
-                    clear_distance: float, target_noise: float) -> None:
+                    home_xyz: Sequence[float], home_distance: float, target_noise: float) -> None:
     from offrl.errors import OffrlError
 
-    vals = [*target_xy, *region, distance_threshold, clear_distance, target_noise]
-    if len(target_xy) != 2 or len(region) != 4:
-        raise OffrlError(f"pick-and-place: target_xy needs 2 values and region 4 ([xmin, xmax, ymin, ymax]), "
-                         f"got {list(target_xy)} and {list(region)}")
+    if len(target_xy) != 2 or len(region) != 4 or len(home_xyz) != 3:
+        raise OffrlError(f"pick-and-place: target_xy needs 2 values, region 4 ([xmin, xmax, ymin, ymax]) and "
+                         f"home_xyz 3, got {list(target_xy)}, {list(region)} and {list(home_xyz)}")
+    vals = [*target_xy, *region, *home_xyz, distance_threshold, home_distance, target_noise]
     if not all(np.isfinite(float(v)) for v in vals):
         raise OffrlError(f"pick-and-place settings must be finite, got {vals}")
     if region[0] >= region[1] or region[2] >= region[3]:
         raise OffrlError(f"pick-and-place region must have xmin < xmax and ymin < ymax, got {list(region)}")
-    if distance_threshold <= 0 or clear_distance <= 0 or target_noise < 0:
-        raise OffrlError("pick-and-place: distance_threshold and clear_distance must be > 0 and target_noise "
-                         f">= 0, got {distance_threshold}, {clear_distance}, {target_noise}")
+    if distance_threshold <= 0 or home_distance <= 0 or target_noise < 0:
+        raise OffrlError("pick-and-place: distance_threshold and home_distance must be > 0 and target_noise "
+                         f">= 0, got {distance_threshold}, {home_distance}, {target_noise}")
 
 
 def task_success(cube_pos: np.ndarray, cube_vel: np.ndarray, tcp_pos: np.ndarray, goal_xy: np.ndarray,
-                 distance_threshold: float, clear_distance: float) -> np.ndarray:
+                 distance_threshold: float, home_xyz: Sequence[float], home_distance: float) -> np.ndarray:
     """The success rule of both tasks on arrays ``[..., 3]`` (``goal_xy`` ``[..., 2]``); see the module doc."""
     placed = np.linalg.norm(cube_pos[..., :2] - goal_xy, axis=-1) <= distance_threshold
     resting = (np.abs(cube_pos[..., 2] - CUBE_HALF) <= REST_TOL) & (np.linalg.norm(cube_vel, axis=-1) <= REST_SPEED)
-    clear = np.linalg.norm(tcp_pos - cube_pos, axis=-1) >= clear_distance
-    return placed & resting & clear
+    home = np.linalg.norm(tcp_pos - np.asarray(home_xyz), axis=-1) <= home_distance
+    return placed & resting & home
 
 
 def _register() -> None:
@@ -95,14 +96,15 @@ def _register() -> None:
         def __init__(self, *args: Any, robot_uids: str = "panda", robot_init_qpos_noise: float = 0.02,
                      target_xy: Sequence[float] = DEFAULTS["target_xy"], region: Sequence[float] = DEFAULTS["region"],
                      distance_threshold: float = DEFAULTS["distance_threshold"],
-                     clear_distance: float = DEFAULTS["clear_distance"],
+                     home_xyz: Sequence[float] = DEFAULTS["home_xyz"], home_distance: float = DEFAULTS["home_distance"],
                      target_noise: float = DEFAULTS["target_noise"], **kwargs: Any):
-            _check_settings(target_xy, region, distance_threshold, clear_distance, target_noise)
+            _check_settings(target_xy, region, distance_threshold, home_xyz, home_distance, target_noise)
             self.robot_init_qpos_noise = robot_init_qpos_noise
             self.target_xy = tuple(float(v) for v in target_xy)
             self.region = tuple(float(v) for v in region)
             self.distance_threshold = float(distance_threshold)
-            self.clear_distance = float(clear_distance)
+            self.home_xyz = tuple(float(v) for v in home_xyz)
+            self.home_distance = float(home_distance)
             self.target_noise = float(target_noise)
             super().__init__(*args, robot_uids=robot_uids, **kwargs)
 
@@ -177,13 +179,14 @@ def _register() -> None:
             resting = ((cube[:, 2] - CUBE_HALF).abs() <= REST_TOL) & \
                 (torch.linalg.norm(self.cube.linear_velocity, dim=1) <= REST_SPEED)
             d_tcp = torch.linalg.norm(self.agent.tcp_pose.p - cube, dim=1)
-            clear = d_tcp >= self.clear_distance
-            return {"success": placed & resting & clear, "is_obj_placed": placed & resting, "is_clear": clear,
-                    "goal_distance": d_goal, "tcp_distance": d_tcp}
+            d_home = torch.linalg.norm(self.agent.tcp_pose.p - torch.tensor(self.home_xyz, device=cube.device), dim=1)
+            home = d_home <= self.home_distance
+            return {"success": placed & resting & home, "is_obj_placed": placed & resting, "is_home": home,
+                    "goal_distance": d_goal, "tcp_distance": d_tcp, "home_distance": d_home}
 
         def compute_dense_reward(self, obs: Any, action: torch.Tensor, info: dict):
-            """Stages, each worth 1: reach the cube; carry it over the goal; set it down; let go and lift
-            clear of it; success is worth 5 (so ``normalized_dense`` is this / 5)."""
+            """Stages, each worth 1: reach the cube; carry it over the goal; set it down; let go and go back
+            home; success is worth 5 (so ``normalized_dense`` is this / 5)."""
             cube = self.cube.pose.p
             d_tcp = info["tcp_distance"]
             placed = info["is_obj_placed"]
@@ -191,8 +194,8 @@ def _register() -> None:
             reach = torch.where(placed, torch.ones_like(d_tcp), 1 - torch.tanh(10 * d_tcp))
             over_goal = (1 - torch.tanh(10 * info["goal_distance"])) * (near | placed)
             lowered = (1 - torch.tanh(20 * (cube[:, 2] - CUBE_HALF).abs())) * (info["goal_distance"] < 0.03)
-            clear = placed * torch.clamp(d_tcp / self.clear_distance, max=1.0)
-            reward = reach + over_goal + lowered + clear
+            back = placed * (1 - torch.tanh(5 * info["home_distance"])) * (d_tcp > 0.03)
+            reward = reach + over_goal + lowered + back
             reward[info["success"]] = 5.0
             return reward
 

@@ -677,28 +677,21 @@ def find_run_dir(ckpt: Path) -> Optional[Path]:
     return None
 
 
-def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional[int] = None,
-                 overrides: Sequence[str] = (), out: Optional[str] = None, log: Any = print) -> dict:
-    """Evaluate a checkpoint's actor on SimHost actors with fixed seeds; write eval.json."""
+def load_acting_actor(checkpoint: str, overrides: Sequence[str] = (), log: Any = print) -> tuple:
+    """The actor of a checkpoint, ready to act under its config with ``overrides`` applied (sampler and
+    action horizon of sequence policies may change; sizes are checked against the env).
+
+    Returns ``(ckpt, cfg, actor, arch, extra)``: ``extra`` records a changed sampler or action horizon."""
     from offrl.algos.networks import build_actor
     from offrl.config import apply_overrides
     from offrl.envs.maniskill import probe_env
     from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
-    from offrl.platform.cluster import init_ray
-    from offrl.platform.evaluate import evaluate, write_eval_json
-    from offrl.platform.simhost import SimHostPool
 
-    if episodes is not None and episodes < 1:
-        raise OffrlError(f"--episodes must be >= 1, got {episodes}")
-    if seed is not None and seed < 0:
-        raise OffrlError(f"--seed must be >= 0 (simulator seeds are unsigned), got {seed}")
     ckpt = resolve_checkpoint(checkpoint)  # complete and readable, or one line
     arch = checkpoint_json(ckpt, "training_state/state.json").get("actor_arch")
     if not arch:
         raise OffrlError(f"checkpoint {ckpt} has no actor to evaluate")
     cfg = from_dict(apply_overrides(checkpoint_json(ckpt, "config.json"), list(overrides)))
-    episodes = cfg.eval.episodes if episodes is None else episodes
-    seed = cfg.eval.seed if seed is None else seed
     sampler = None
     if arch.get("kind") == "diffusion":  # sampling is not training: diffusion.scheduler / inference_steps may change
         sampler = {"scheduler": cfg.diffusion.scheduler, "inference_steps": cfg.diffusion.inference_steps}
@@ -723,6 +716,23 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     # observation size is one line, not a SimHost traceback
     _check_sizes(probe_env(cfg.env), arch["obs_dim"], arch["act_dim"], f"checkpoint {ckpt} expects obs/action sizes",
                  cfg)
+    return ckpt, cfg, actor, arch, {**({"sampler": sampler} if sampler else {}), **({"acting": acting} if acting else {})}
+
+
+def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional[int] = None,
+                 overrides: Sequence[str] = (), out: Optional[str] = None, log: Any = print) -> dict:
+    """Evaluate a checkpoint's actor on SimHost actors with fixed seeds; write eval.json."""
+    from offrl.platform.cluster import init_ray
+    from offrl.platform.evaluate import evaluate, write_eval_json
+    from offrl.platform.simhost import SimHostPool
+
+    if episodes is not None and episodes < 1:
+        raise OffrlError(f"--episodes must be >= 1, got {episodes}")
+    if seed is not None and seed < 0:
+        raise OffrlError(f"--seed must be >= 0 (simulator seeds are unsigned), got {seed}")
+    ckpt, cfg, actor, arch, acting_extra = load_acting_actor(checkpoint, overrides, log)
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    seed = cfg.eval.seed if seed is None else seed
     log(f"[offrl] protocol: {eval_protocol(cfg)}; success_once is the headline metric")
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
@@ -734,8 +744,7 @@ def run_eval_job(checkpoint: str, episodes: Optional[int] = None, seed: Optional
     finally:
         pool.shutdown()
     extra = {"checkpoint": str(ckpt), "protocol": eval_protocol(cfg), "policy": arch.get("kind", "mlp"), "seed": seed, "deterministic": cfg.eval.deterministic, "env_id": cfg.env.id,
-             "control_mode": cfg.env.control_mode, "seconds": dt, **({"sampler": sampler} if sampler else {}),
-             **({"acting": acting} if acting else {})}
+             "control_mode": cfg.env.control_mode, "seconds": dt, **acting_extra}
     run_dir = find_run_dir(ckpt)
     path = Path(out) if out else (run_dir / "eval.json" if run_dir else ckpt / "eval.json")
     write_eval_json(path, summary, extra)

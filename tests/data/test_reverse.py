@@ -143,9 +143,11 @@ def test_reversed_b_episodes_are_a_demonstrations_that_replay(b_dataset):
         np.testing.assert_allclose(e.obs[0, cube][:3], fwd.obs[-1, cube][:3], atol=1e-5)
         np.testing.assert_allclose(e.obs[0, qvel], -fwd.obs[-1, qvel], atol=1e-4)
         np.testing.assert_allclose(e.obs[:, goal][:, :2], np.tile([tx, ty], (e.length + 1, 1)), atol=1e-6)
-        # ends at its first success (terminated there), no later than B's own start
-        assert e.success[-1] and e.terminated[-1] and not e.success[:-1].any()
-        assert e.length <= fwd.length
+        # runs back to the state B started from (the arm at rest), terminated there with A's success; the
+        # success region is entered a few steps before the end, never at the start
+        assert e.length == fwd.length
+        assert e.success[-1] and e.terminated[-1] and not e.terminated[:-1].any() and not e.success[0]
+        np.testing.assert_allclose(e.obs[-1, cube][:3], fwd.obs[0, cube][:3], atol=1e-5)
         assert np.all(np.abs(e.actions) <= 1.0)
         assert set(e.rewards) >= {"rewards", "rewards_sparse", "rewards_dense", "rewards_normalized_dense"}
         assert e.rewards["rewards_sparse"][-1] == 1.0

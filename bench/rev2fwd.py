@@ -1,0 +1,226 @@
+"""Reverse-to-forward imitation on offrl/PickPlaceA-v1 and offrl/PickPlaceB-v1 (2 CPU cores).
+
+Stages (each skipped when its output exists, so an interrupted benchmark continues where it stopped):
+
+1. **Data.** 100 task-B demos from the scripted expert (``offrl collect``), 100 forward task-A demos from the
+   same expert on task A (the ablation's data), and task B's demos time-reversed into task A
+   (``offrl data reverse``, with its open-loop replay check).
+2. **Policies** (``tune_configs/pretrain_pickplace.yaml``: MLP + action chunking, 8,000 gradient steps of 256,
+   the same for every row): A from reversed B data, A from forward A data, and B; each evaluated on its own task
+   (100 episodes from fixed seeds; ``success_once``, 95% Wilson interval).
+3. **Alternating test** (``offrl alternate``) of the A-from-reversed-data and B policies: chains of A->B->A...
+   without resets, until the first failure or ``--max-cycles``.
+4. **The loop** (``offrl iterate tune_configs/rev2fwd.yaml``): alternating test, merge successful rollouts,
+   finetune both policies; iterations 0..``--iterations``.
+
+    python bench/rev2fwd.py [--seeds 0] [--steps 8000] [--chains 50] [--iterations 3] [--out runs/rev2fwd]
+                            [--stages data policies alternate iterate] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
+
+A, B = "offrl/PickPlaceA-v1", "offrl/PickPlaceB-v1"
+CONFIG = "tune_configs/pretrain_pickplace.yaml"
+STAGES = ("data", "policies", "alternate", "iterate")
+
+
+def offrl(*args: str, log=print) -> str:
+    """Run ``python -m offrl ARGS``; its output is echoed; a failure stops the benchmark with its message."""
+    cmd = [sys.executable, "-m", "offrl", *args]
+    log("$ " + " ".join(cmd[2:]))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    out = (p.stdout or "") + (p.stderr or "")
+    keep = [ln for ln in out.splitlines() if ln.strip() and "%|" not in ln]
+    for ln in keep[-12:]:
+        log("  " + ln)
+    if p.returncode not in (0, 1):
+        raise SystemExit(f"offrl {' '.join(args)} failed (exit {p.returncode})")
+    return out
+
+
+def data_paths(args) -> dict[str, Path]:
+    d = Path(args.data)
+    n = args.demos
+    return {"B": d / f"PickPlaceB-v1_expert{n}.h5", "A_fwd": d / f"PickPlaceA-v1_expert{n}.h5",
+            "A_rev": d / f"PickPlaceA-v1_reversed{n}.h5"}
+
+
+def stage_data(args, log) -> dict:
+    paths = data_paths(args)
+    info: dict = {}
+    for key, env in (("B", B), ("A_fwd", A)):
+        if not paths[key].exists():
+            out = offrl("collect", "tune_configs/collect_pickplace.yaml", f"env.id={env}",
+                        f"collect.episodes={args.demos}", f"collect.output={paths[key]}", "seed=0", log=log)
+            (paths[key].with_suffix(".collect.txt")).write_text(out)
+    for key in ("B", "A_fwd"):
+        txt = paths[key].with_suffix(".collect.txt")
+        line = next((ln for ln in txt.read_text().splitlines() if ln.startswith("attempted")), "") if txt.exists() else ""
+        info[f"{key}_collect"] = line
+    if not paths["A_rev"].exists():
+        offrl("data", "reverse", str(paths["B"]), "-o", str(paths["A_rev"]), log=log)
+    meta = json.loads(paths["A_rev"].with_suffix(".json").read_text())["offrl"]["reverse"]
+    info["reverse"] = meta
+    return info
+
+
+def run_name(policy: str, seed: int) -> str:
+    return f"{policy}_seed{seed}"
+
+
+def stage_policies(args, log) -> dict:
+    paths = data_paths(args)
+    rows = {"A_rev": (A, paths["A_rev"]), "A_fwd": (A, paths["A_fwd"]), "B": (B, paths["B"])}
+    root = Path(args.out)
+    for seed in args.seeds:
+        for key, (env, data) in rows.items():
+            run = root / "policies" / run_name(key, seed)
+            if (run / "eval.json").exists():
+                continue
+            offrl("pretrain", CONFIG, f"env.id={env}", f"pretrain.dataset={data}", f"seed={seed}",
+                  f"pretrain.epochs={max(1, args.steps // 200)}", "pretrain.steps_per_epoch=200" if args.steps >= 200
+                  else f"pretrain.steps_per_epoch={args.steps}", f"pretrain.eval_episodes={args.episodes}",
+                  f"eval.episodes={args.episodes}", f"run.root={root}", "run.experiment=policies",
+                  f"run.trial={run_name(key, seed)}", "run.progress=false", *args.overrides, log=log)
+    return read_policies(args)
+
+
+def read_policies(args) -> dict:
+    out: dict = {}
+    for key in ("A_rev", "A_fwd", "B"):
+        rs = []
+        for seed in args.seeds:
+            f = Path(args.out) / "policies" / run_name(key, seed) / "eval.json"
+            if f.exists():
+                ev = json.loads(f.read_text())
+                rs.append((sum(bool(e["success_once"]) for e in ev["per_episode"]), ev["episodes"]))
+        if rs:
+            k, n = sum(r[0] for r in rs), sum(r[1] for r in rs)
+            out[key] = {"k": k, "n": n, "per_seed": [r[0] / r[1] for r in rs]}
+    return out
+
+
+def fmt(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def report(args, info: dict, pol: dict, log) -> str:
+    lines = [f"Reverse-to-forward on {A} / {B}; {args.demos} demos per dataset; seeds {args.seeds}; "
+             f"policies: MLP + chunking, {args.steps} gradient steps x 256 ({CONFIG}); success_once over "
+             f"{args.episodes} evaluation episodes per seed, 95% Wilson interval of the pooled episodes", "",
+             "| measurement | value |", "|---|---|"]
+    for key, label in (("B_collect", "task-B scripted expert"), ("A_fwd_collect", "task-A scripted expert")):
+        if info.get(key):
+            lines.append(f"| {label} | {info[key]} |")
+    rv = info.get("reverse")
+    if rv:
+        lines.append(f"| reversed B data: final state succeeds in A | {rv['reversed_final_success']}/{rv['episodes']} |")
+        if rv.get("replay_success") is not None:
+            lines.append(f"| reversed B data: open-loop replay succeeds in A | {fmt(rv['replay_success'], rv['replay_episodes'])} |")
+    names = {"A_rev": "policy A trained on reversed B data", "A_fwd": "policy A trained on forward A data (ablation)",
+             "B": "policy B trained on B data"}
+    for key, label in names.items():
+        if key in pol:
+            per = ", ".join(f"{x:.2f}" for x in pol[key]["per_seed"])
+            lines.append(f"| {label} | {fmt(pol[key]['k'], pol[key]['n'])} (per seed {per}) |")
+    alt = Path(args.out) / "alternate" / "alternate.json"
+    if alt.exists():
+        s = json.loads(alt.read_text())
+        cs = s["consecutive_success"]
+        lines.append(f"| alternating test ({s['chains']} chains, max {s['max_cycles']} cycles): consecutive_success | "
+                     f"mean {cs['mean']:.2f}, median {cs['median']:.1f}, max {cs['max']} |")
+        for t in ("A", "B"):
+            r = s[f"{t}_success_rate"]
+            lines.append(f"| alternating test: {t}_success_rate | {r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
+                         f"({r['successes']}/{r['attempts']} attempts) |")
+    text = "\n".join(lines)
+    it = Path(args.out) / "iterate" / "iterate.md"
+    if it.exists():
+        text += "\n\n" + it.read_text()
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the policies")
+    ap.add_argument("--demos", type=int, default=100, help="demonstrations per dataset")
+    ap.add_argument("--steps", type=int, default=8000, help="gradient steps per policy (every row alike)")
+    ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per policy")
+    ap.add_argument("--chains", type=int, default=50, help="alternating-test chains")
+    ap.add_argument("--max-cycles", type=int, default=10, help="A->B cycles per chain at most")
+    ap.add_argument("--iterations", type=int, default=3, help="offrl iterate iterations after iteration 0")
+    ap.add_argument("--data", default="datasets", help="where the datasets go")
+    ap.add_argument("--out", default="runs/rev2fwd", help="where runs and the report go")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10 demos, 200 steps, 10 episodes, 4 chains")
+    ap.add_argument("--report-only", action="store_true", help="run nothing; tabulate what exists")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every pretrain run")
+    args = ap.parse_args()
+    if args.quick:
+        args.demos, args.steps, args.episodes, args.chains, args.max_cycles, args.iterations = 10, 200, 10, 4, 3, 1
+        if args.out == ap.get_default("out"):
+            args.out = "runs/rev2fwd_quick"
+        if args.data == ap.get_default("data"):
+            args.data = "runs/rev2fwd_quick/data"
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.data).mkdir(parents=True, exist_ok=True)
+    info, pol = {}, {}
+    if not args.report_only:
+        if "data" in args.stages:
+            info = stage_data(args, log)
+        if "policies" in args.stages:
+            pol = stage_policies(args, log)
+        if "alternate" in args.stages:
+            stage_alternate(args, log)
+        if "iterate" in args.stages:
+            stage_iterate(args, log)
+    if not info and data_paths(args)["A_rev"].exists():
+        info = {"reverse": json.loads(data_paths(args)["A_rev"].with_suffix(".json").read_text())["offrl"]["reverse"]}
+        for key in ("B", "A_fwd"):
+            txt = data_paths(args)[key].with_suffix(".collect.txt")
+            if txt.exists():
+                info[f"{key}_collect"] = next((ln for ln in txt.read_text().splitlines() if ln.startswith("attempted")), "")
+    pol = pol or read_policies(args)
+    text = report(args, info, pol, log)
+    print(text)
+    (Path(args.out) / "rev2fwd.md").write_text(text + "\n")
+    return 0
+
+
+def stage_alternate(args, log) -> None:
+    out = Path(args.out) / "alternate"
+    if (out / "alternate.json").exists():
+        return
+    seed = args.seeds[0]
+    pa = Path(args.out) / "policies" / run_name("A_rev", seed)
+    pb = Path(args.out) / "policies" / run_name("B", seed)
+    offrl("alternate", "--policy-a", str(pa), "--policy-b", str(pb), "--chains", str(args.chains),
+          "--max-cycles", str(args.max_cycles), "--out", str(out), log=log)
+
+
+def stage_iterate(args, log) -> None:
+    seed = args.seeds[0]
+    pa = Path(args.out) / "policies" / run_name("A_rev", seed)
+    pb = Path(args.out) / "policies" / run_name("B", seed)
+    paths = data_paths(args)
+    offrl("iterate", "tune_configs/rev2fwd.yaml", f"iterate.policy_a={pa}", f"iterate.policy_b={pb}",
+          f"iterate.data_a={paths['A_rev']}", f"iterate.data_b={paths['B']}", f"iterate.root={Path(args.out) / 'iterate'}",
+          f"iterate.max_iterations={args.iterations + 1}", f"iterate.chains={args.chains}",
+          f"iterate.max_cycles={args.max_cycles}", log=log)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
