@@ -142,8 +142,8 @@ def report(args, info: dict, pol: dict, log) -> str:
                      f"mean {cs['mean']:.2f}, median {cs['median']:.1f}, max {cs['max']} |")
         for t in ("A", "B"):
             r = s[f"{t}_success_rate"]
-            lines.append(f"| alternating test: {t}_success_rate | {r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
-                         f"({r['successes']}/{r['attempts']} attempts) |")
+            val = "- (no attempt)" if r["mean"] is None else f"{r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+            lines.append(f"| alternating test: {t}_success_rate | {val} ({r['successes']}/{r['attempts']} attempts) |")
     text = "\n".join(lines)
     it = Path(args.out) / "iterate" / "iterate.md"
     if it.exists():

@@ -179,7 +179,7 @@ def summarize_chains(chains: list[dict], max_cycles: int) -> dict:
         k = int(sum(c[f"{t}_successes"] for c in chains))
         n = int(sum(c[f"{t}_attempts"] for c in chains))
         lo, hi = wilson_interval(k, n) if n else (0.0, 1.0)
-        out[f"{t}_success_rate"] = {"mean": k / n if n else float("nan"), "ci95": [lo, hi], "successes": k,
+        out[f"{t}_success_rate"] = {"mean": k / n if n else None, "ci95": [lo, hi], "successes": k,
                                     "attempts": n}
     return out
 
@@ -234,8 +234,8 @@ def plot_distribution(summary: dict, path: Path, title: str = "") -> Optional[Pa
     ax.set_ylabel("chains")
     ax.set_xticks(range(len(dist)))
     a, b = summary["A_success_rate"], summary["B_success_rate"]
-    ax.set_title(title or f"{summary['chains']} chains; A {a['mean']:.2f}, B {b['mean']:.2f} success per attempt",
-                 fontsize=9)
+    rate = {t: "-" if r["mean"] is None else f"{r['mean']:.2f}" for t, r in (("A", a), ("B", b))}
+    ax.set_title(title or f"{summary['chains']} chains; A {rate['A']}, B {rate['B']} success per attempt", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -243,6 +243,12 @@ def plot_distribution(summary: dict, path: Path, title: str = "") -> Optional[Pa
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _rate(r: dict) -> str:
+    if r["mean"] is None:
+        return "- (no attempt)"
+    return f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['successes']}/{r['attempts']})"
 
 
 def _task_config(ckpt: str, want: str, flag: str, overrides: Sequence[str], log: Any) -> tuple:
@@ -323,9 +329,7 @@ def run_alternate(policy_a: str, policy_b: str, *, chains: int = 20, max_cycles:
     a, b = summary["A_success_rate"], summary["B_success_rate"]
     log(f"[alternate] consecutive_success mean {cs['mean']:.2f} [{cs['ci95'][0]:.2f}, {cs['ci95'][1]:.2f}], median "
         f"{cs['median']:.1f}, max {cs['max']}; distribution {cs['distribution']}")
-    log(f"[alternate] A_success_rate {a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['successes']}/"
-        f"{a['attempts']}); B_success_rate {b['mean']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] "
-        f"({b['successes']}/{b['attempts']}); {dt:.0f} s")
+    log(f"[alternate] A_success_rate {_rate(a)}; B_success_rate {_rate(b)}; {dt:.0f} s")
     log(f"[alternate] wrote {out / 'alternate.json'}" + (f", {plot.name}" if plot else "") +
         "".join(f", {Path(f).name}" for f in files.values()))
     return summary

@@ -135,10 +135,10 @@ def write_summary(root: Path, state: dict) -> str:
     for r in rows:
         a, b = r["A"], r["B"]
         ev = " / ".join("-" if r[k] is None else f"{r[k]:.2f}" for k in ("eval_A", "eval_B"))
+        rate = {t: "- (0)" if x["mean"] is None else
+                f"{x['mean']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}] ({x['attempts']})" for t, x in (("A", a), ("B", b))}
         lines.append(f"| {r['iteration']} | {r['consecutive_success']:.2f} [{r['cs_ci95'][0]:.2f}, {r['cs_ci95'][1]:.2f}] "
-                     f"({r['cs_median']:.1f}) | {a['mean']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] ({a['attempts']}) | "
-                     f"{b['mean']:.2f} [{b['ci95'][0]:.2f}, {b['ci95'][1]:.2f}] ({b['attempts']}) | "
-                     f"{r['added_A']} / {r['added_B']} | {ev} |")
+                     f"({r['cs_median']:.1f}) | {rate['A']} | {rate['B']} | {r['added_A']} / {r['added_B']} | {ev} |")
     text = "\n".join(lines)
     (root / "iterate.md").write_text(text + "\n")
     if rows:
@@ -147,6 +147,7 @@ def write_summary(root: Path, state: dict) -> str:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            import numpy as np
 
             x = [r["iteration"] for r in rows]
             fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -156,7 +157,7 @@ def write_summary(root: Path, state: dict) -> str:
             ax[0].set_xlabel("iteration")
             ax[0].set_ylabel("consecutive_success (mean, 95% CI)")
             for t, col in (("A", "tab:red"), ("B", "tab:green")):
-                m = [r[t]["mean"] for r in rows]
+                m = [np.nan if r[t]["mean"] is None else r[t]["mean"] for r in rows]
                 ax[1].errorbar(x, m, yerr=[[v - r[t]["ci95"][0] for v, r in zip(m, rows)],
                                            [r[t]["ci95"][1] - v for v, r in zip(m, rows)]], marker="o", capsize=3,
                                color=col, label=f"{t}_success_rate")
