@@ -12,17 +12,21 @@ is "grasp at a random place, carry, release at the target". For each episode of 
    field (the goal, the relative vectors, the negated joint velocities) is what that task would show.
 3. **Actions** (``pd_ee_delta_pos`` only; :func:`rebuild_ee_actions`). The arm's action leads from reversed
    tool-centre point ``p_t`` to ``p_{t+1}``. The controller moves its target by ``s * a`` (``s`` its limit, 0.1 m
-   per unit action), but the PD-driven arm covers only part of that in one control step and carries momentum
-   into the next, so ``gain="auto"`` (default) fits the linear response ``d_t = c_t A + d_{t-1} B + c_{t-1} G``
-   (``c = s * a``, ``d`` the displacement) on the forward episodes' own (action, displacement) pairs and inverts
-   it step by step (:func:`fit_arm_dynamics`); a number ``k`` uses ``a = clip((p_{t+1} - p_t) / (s * k), -1, 1)``
-   instead (``1``: the controller's nominal scale). Commands are clipped to the action bounds. The gripper
-   closes (``-1``) on the steps that end with the fingers below the middle of their opening range and opens
-   (``+1``) otherwise (:func:`gripper_commands`): the reversed release becomes a grasp at the mirrored time.
+   per unit action), but the PD-driven arm covers only part of that in one control step and carries its
+   momentum into it, so ``gain="auto"`` (default) fits the linear response ``d_t = c_t A + [qvel_t, 1] V``
+   (``c = s * a``, ``d`` the displacement, ``qvel_t`` the arm's joint velocities) on the forward episodes' own
+   (state, action, displacement) triples and solves it for ``c_t`` (:func:`fit_arm_dynamics`): the action is a
+   function of the reversed state (whose velocities are the reversed motion's) and the next position, as a
+   policy's action is. A number ``k`` uses ``a = clip((p_{t+1} - p_t) / (s * k), -1, 1)`` instead (``1``: the
+   controller's nominal scale). Commands are clipped to the action bounds. The gripper closes (``-1``) on the
+   steps that end with the fingers below the middle of their opening range and opens (``+1``) otherwise
+   (:func:`gripper_commands`): the reversed release becomes a grasp at the mirrored time.
 4. **Labels.** Success on every reversed state by the partner task's rule. The episode runs all the way back
    to the state the forward episode started from (the arm at rest), terminated there: the partner task's
    success region is entered a few steps earlier, and an episode cut at that boundary would teach (and replay
-   to) a final state that a centimetre of drift takes back out of it. Rewards are recomputed under every
+   to) a final state that a centimetre of drift takes back out of it. ``settle_steps`` (5) hold-still steps
+   (zero arm command), simulated from the last reversed state, follow: the arm stays at rest there, and an
+   open-loop replay, which arrives with some speed left, comes to rest. Rewards are recomputed under every
    reward mode of the partner task.
 
 :func:`replay_reversed` checks the result in the simulator: from each reversed initial state it replays the
@@ -43,7 +47,9 @@ from offrl.errors import OffrlError
 SUPPORTED_CONTROL = ("pd_ee_delta_pos",)
 TCP_FIELD = "extra/tcp_pose"
 QPOS_FIELD = "agent/qpos"
+QVEL_FIELD = "agent/qvel"
 GRIPPER_EPS = 1e-4   # m: finger motion smaller than this keeps the last gripper command
+SETTLE_STEPS = 5     # hold-still steps simulated after the last reversed state
 
 
 def partner_task(env_id: str) -> str:
@@ -101,15 +107,16 @@ def gripper_commands(finger: np.ndarray) -> np.ndarray:
 
 
 def rebuild_ee_actions(tcp: np.ndarray, finger: np.ndarray, scale: float = 0.1,
-                       gain: Union[float, Sequence[float]] = 1.0, dynamics: Optional[np.ndarray] = None) -> np.ndarray:
+                       gain: Union[float, Sequence[float]] = 1.0, dynamics: Optional[np.ndarray] = None,
+                       qvel: Optional[np.ndarray] = None) -> np.ndarray:
     """``pd_ee_delta_pos`` actions ``[T, 4]`` that lead along a path of tool-centre points ``tcp`` ``[T+1, 3]``
     with finger openings ``finger`` ``[T+1]``.
 
-    Without ``dynamics``: ``a_t = clip((p_{t+1} - p_t) / (scale * gain), -1, 1)``. With ``dynamics`` (a
-    ``[9, 3]`` matrix from :func:`fit_arm_dynamics`), the commanded step ``c_t = scale * a_t`` solves
-    ``d_t = c_t A + d_{t-1} B + c_{t-1} G`` for the displacement ``d_t = p_{t+1} - p_t``, one step after the
-    other, each clipped command fed back as ``c_{t-1}``; before the first step the arm is taken to be in the
-    steady motion of ``d_0``. The gripper follows :func:`gripper_commands`.
+    Without ``dynamics``: ``a_t = clip((p_{t+1} - p_t) / (scale * gain), -1, 1)``. With ``dynamics`` (the
+    ``[3 + J + 1, 3]`` matrix of :func:`fit_arm_dynamics`) and the arm's joint velocities ``qvel`` ``[T+1, J]``,
+    the commanded step ``c_t = scale * a_t`` solves ``d_t = c_t A + [qvel_t, 1] V`` for the displacement
+    ``d_t = p_{t+1} - p_t``: a function of the state at ``t`` (its velocities) and the next position only.
+    Commands are clipped to the action bounds. The gripper follows :func:`gripper_commands`.
     """
     tcp = np.asarray(tcp, np.float64)
     finger = np.asarray(finger, np.float64).reshape(-1)
@@ -126,15 +133,12 @@ def rebuild_ee_actions(tcp: np.ndarray, finger: np.ndarray, scale: float = 0.1,
         a[:, :3] = np.clip(d / (scale * k), -1.0, 1.0)
     else:
         W = np.asarray(dynamics, np.float64)
-        A, B, G = W[0:3], W[3:6], W[6:9]
-        A_inv = np.linalg.inv(A)
-        prev_d = d[0]
-        prev_c = d[0] @ (np.eye(3) - B) @ np.linalg.inv(A + G)  # steady motion: d = c A + d B + c G
-        for t in range(T):
-            c = (d[t] - prev_d @ B - prev_c @ G) @ A_inv
-            c = np.clip(c, -scale, scale)
-            a[t, :3] = c / scale
-            prev_d, prev_c = d[t], c
+        v = np.asarray(qvel, np.float64)[:T]
+        if v.ndim != 2 or v.shape[1] + 4 != W.shape[0]:
+            raise OffrlError(f"dynamics {W.shape} needs qvel [T+1, {W.shape[0] - 4}], got {np.shape(qvel)}")
+        rest = np.concatenate([v, np.ones((T, 1))], axis=1) @ W[3:]
+        c = (d - rest) @ np.linalg.inv(W[:3])
+        a[:, :3] = np.clip(c / scale, -1.0, 1.0)
     a[:, 3] = gripper_commands(finger)
     return a
 
@@ -149,21 +153,21 @@ def fit_tracking_gain(tcp: Sequence[np.ndarray], actions: Sequence[np.ndarray], 
     return np.clip(k, 0.05, 2.0)
 
 
-def fit_arm_dynamics(tcp: Sequence[np.ndarray], actions: Sequence[np.ndarray],
+def fit_arm_dynamics(tcp: Sequence[np.ndarray], qvel: Sequence[np.ndarray], actions: Sequence[np.ndarray],
                      scale: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """The linear model ``d_t = c_t A + d_{t-1} B + c_{t-1} G`` of how the arm follows ``pd_ee_delta_pos``
-    commands (``c = scale * a``, ``d`` the tool-centre point's displacement in a control step), fitted by least
-    squares on episodes with their true actions. Returns ``W = [A; B; G]`` ``[9, 3]`` and the per-axis rms
-    residual (m). On PickPlaceB expert data it explains the displacement to ~0.5 mm per step, where the best
-    single gain leaves ~3.5 mm: the PD-driven arm carries momentum from one step into the next."""
+    """The linear model ``d_t = c_t A + [qvel_t, 1] V`` of how the arm follows ``pd_ee_delta_pos`` commands
+    (``c = scale * a``; ``d`` the tool-centre point's displacement over the control step; ``qvel_t`` the arm's
+    joint velocities at its start, the momentum the PD-driven arm carries in), fitted by least squares on
+    episodes with their true actions. Returns ``W = [A; V]`` ``[3 + J + 1, 3]`` and the per-axis rms residual
+    (m). On PickPlaceB expert data it explains the displacement to ~0.6 mm per step, where the best single
+    gain per axis leaves ~4 mm."""
     X, Y = [], []
-    for p, a in zip(tcp, actions):
+    for p, v, a in zip(tcp, qvel, actions):
         d = np.diff(np.asarray(p, np.float64), axis=0)
         c = np.asarray(a, np.float64)[:, :3] * scale
-        if len(d) < 2:
-            continue
-        X.append(np.concatenate([c[1:], d[:-1], c[:-1]], axis=1))
-        Y.append(d[1:])
+        vv = np.asarray(v, np.float64)[: len(d)]
+        X.append(np.concatenate([c, vv, np.ones((len(d), 1))], axis=1))
+        Y.append(d)
     if not X or sum(len(x) for x in X) < 30:
         raise OffrlError("too few steps to fit the arm's dynamics (need 30 or more; pass a numeric gain instead)")
     X, Y = np.concatenate(X), np.concatenate(Y)
@@ -242,20 +246,22 @@ def _check_source(ds: Any) -> str:
                          f"{', '.join(SUPPORTED_CONTROL)} only; collect or convert the data in that mode)")
     if not ds.has_env_states:
         raise OffrlError(f"{ds.name}: has no env_states; reversal restores simulator states")
-    for name in (TCP_FIELD, QPOS_FIELD):
+    for name in (TCP_FIELD, QPOS_FIELD, QVEL_FIELD):
         if ds.field_slice(name) is None:
             raise OffrlError(f"{ds.name}: its observation layout has no {name} field")
     return target
 
 
-def _episode_paths(ds: Any, e: Episode) -> tuple[np.ndarray, np.ndarray]:
+def _episode_paths(ds: Any, e: Episode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tool-centre points [T+1, 3], finger opening [T+1] and arm joint velocities [T+1, J] of an episode."""
     tcp = e.obs[:, ds.field_slice(TCP_FIELD)][:, :3]
     finger = e.obs[:, ds.field_slice(QPOS_FIELD)][:, -2]
-    return tcp, finger
+    qvel = e.obs[:, ds.field_slice(QVEL_FIELD)][:, :-2]  # the arm's joints (the last two are the fingers)
+    return tcp, finger, qvel
 
 
 def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Optional[np.ndarray],
-                    dynamics: Optional[np.ndarray] = None, index: int = -1) -> Episode:
+                    dynamics: Optional[np.ndarray] = None, index: int = -1, settle_steps: int = SETTLE_STEPS) -> Episode:
     """One episode of ``ds`` reversed in ``env`` (the partner task; see the module docstring)."""
     import torch
 
@@ -264,44 +270,62 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     g = np.asarray(goal_xy if goal_xy is not None else e.env_states["actors"]["cube"][0, :2], np.float32)
     goal[:, :2] = g
     T = e.length
-    obs, succ, infos = [], [], []
+    trees = [_np_tree(_index_np(states, t)) for t in range(T + 1)]
+    obs = []
     for t in range(T + 1):
         env.set_state_dict(_torch_tree(states, t))
         obs.append(_np_tree(env.get_obs())[0].astype(np.float32))
-        info = env.evaluate()
-        succ.append(bool(info["success"].reshape(-1)[0]))
-        infos.append(info)
     obs = np.stack(obs)
     tcp = obs[:, ds.field_slice(TCP_FIELD)][:, :3]
     finger = obs[:, ds.field_slice(QPOS_FIELD)][:, -2]
+    qvel = obs[:, ds.field_slice(QVEL_FIELD)][:, :-2]  # negated with the states: the reversed motion's velocity
     scale = float(env.agent.controller.controllers["arm"].config.pos_upper)
-    actions = rebuild_ee_actions(tcp, finger, scale=scale, gain=gain, dynamics=dynamics)
-    end = T  # the whole path back to the state B started from (the arm at rest)
-    rewards: dict[str, np.ndarray] = {}
+    actions = list(rebuild_ee_actions(tcp, finger, scale=scale, gain=gain, dynamics=dynamics, qvel=qvel))
+    obs = list(obs)
+    # hold still at the end, simulated from the last reversed state: the arm must come to rest there, and an
+    # open-loop replay arrives with some speed left
+    env.set_state_dict(_torch_tree(states, T))
+    hold = np.array([0.0, 0.0, 0.0, actions[-1][3]], np.float32)
+    for _ in range(settle_steps):
+        o, _, _, _, _ = env.step(torch.as_tensor(hold[None]))
+        obs.append(_np_tree(o)[0].astype(np.float32))
+        trees.append({k: {n: v[0] for n, v in grp.items()} for k, grp in _np_tree(env.get_state_dict()).items()})
+        actions.append(hold.copy())
+    end = len(actions)
     modes = [m for m in REWARD_MODES if m in getattr(env, "SUPPORTED_REWARD_MODES", REWARD_MODES)]
-    per_mode = {m: [] for m in modes}
+    per_mode: dict[str, list] = {m: [] for m in modes}
+    succ = []
     for t in range(end):
-        env.set_state_dict(_torch_tree(states, t + 1))
-        a = torch.as_tensor(actions[t : t + 1])
-        info = infos[t + 1]
+        env.set_state_dict(_torch_tree(_stack(trees[t + 1 : t + 2]), 0))
+        info = env.evaluate()
+        succ.append(bool(info["success"].reshape(-1)[0]))
+        a = torch.as_tensor(np.asarray(actions[t : t + 1], np.float32))
         for m in modes:
             per_mode[m].append(float(getattr(env, f"compute_{m}_reward")(obs=None, action=a, info=info).reshape(-1)[0]))
-    for m in modes:
-        rewards[REWARD_PREFIX + m] = np.asarray(per_mode[m], np.float32)
+    rewards = {REWARD_PREFIX + m: np.asarray(per_mode[m], np.float32) for m in modes}
     if ds.reward_mode in modes:
         rewards["rewards"] = rewards[REWARD_PREFIX + ds.reward_mode]
-    success = np.asarray(succ[1 : end + 1], bool)
+    success = np.asarray(succ, bool)
     terminated = np.zeros(end, bool)
     truncated = np.zeros(end, bool)
     terminated[-1] = bool(success[-1])
     truncated[-1] = not success[-1]
     info = {k: v for k, v in e.info.items() if k in ("episode_seed", "control_mode")}
-    info.update(reversed_from=int(index), reset_kwargs={},
-                elapsed_steps=int(end), success=bool(success[-1]))
-    return Episode(obs=obs[: end + 1], actions=actions[:end], terminated=terminated, truncated=truncated,
-                   success=success, rewards=rewards,
-                   env_states={k: {n: a[: end + 1] for n, a in v.items()} for k, v in states.items()},
-                   extras={}, info=info)
+    info.update(reversed_from=int(index), reset_kwargs={}, elapsed_steps=int(end), success=bool(success[-1]),
+                settle_steps=int(settle_steps))
+    return Episode(obs=np.stack(obs), actions=np.stack(actions).astype(np.float32), terminated=terminated,
+                   truncated=truncated, success=success, rewards=rewards, env_states=_stack(trees), extras={}, info=info)
+
+
+def _index_np(tree: dict, t: int) -> dict:
+    return {k: (_index_np(v, t) if isinstance(v, dict) else np.asarray(v[t])) for k, v in tree.items()}
+
+
+def _stack(trees: list) -> dict:
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _stack([x[k] for x in trees]) for k in first}
+    return np.stack([np.asarray(x, np.float32) for x in trees])
 
 
 def replay_reversed(env: Any, episodes: Sequence[Episode], progress: Optional[Callable[[int], None]] = None) -> int:
@@ -339,11 +363,11 @@ def reverse_dataset(ds: Any, gain: Union[str, float] = "auto", replay: bool = Tr
                                                 "into demonstrations)"]
     if not eps:
         raise OffrlError(f"{ds.name}: no successful episode to reverse")
-    paths = [_episode_paths(ds, e)[0] for e in eps]
+    paths = [_episode_paths(ds, e) for e in eps]
     dynamics, residual = None, None
-    k = fit_tracking_gain(paths, [e.actions for e in eps])
+    k = fit_tracking_gain([p[0] for p in paths], [e.actions for e in eps])
     if gain == "auto":
-        dynamics, residual = fit_arm_dynamics(paths, [e.actions for e in eps])
+        dynamics, residual = fit_arm_dynamics([p[0] for p in paths], [p[2] for p in paths], [e.actions for e in eps])
     else:
         try:
             g = float(gain)

@@ -18,21 +18,23 @@ judge must follow from ``get_state_dict`` alone (offrl restores states for MC re
 
 **Success** (:meth:`PickPlaceEnv.evaluate`), a function of the state only: the cube's centre lies within
 ``distance_threshold`` (xy) of the goal, the cube rests on the table (centre within 5 mm of its resting
-height, speed below 5 cm/s) and the arm is back home (tool-centre point within ``home_distance`` of
-``home_xyz``, the rest pose's 17 cm above the table centre; far from the cube, so it is released). An episode
-therefore ends the way the other task starts: cube on the table, arm at rest. That is what makes the tasks
-chain without resets, and what makes a reversed B episode start like an A episode.
+height, speed below 5 cm/s) and the arm is back home and still (tool-centre point within ``home_distance`` of
+``home_xyz``, the rest pose's 17 cm above the table centre, far from the cube, so it is released; every arm
+joint slower than ``static_speed`` rad/s, ManiSkill's ``is_static`` rule). An episode therefore ends the way the
+other task starts: cube on the table, arm at rest. That is what makes the tasks chain without resets, and what
+makes a reversed B episode start like an A episode (a moving arm at the start of reversed data is a state an
+A policy never meets: measured, a policy trained on such data solved 1-3% of A).
 
 **Settings** (``env.kwargs`` in an offrl config, or ``gym.make`` keywords): ``target_xy`` (the ring's centre),
 ``region`` (``[xmin, xmax, ymin, ymax]`` of A's starts and B's goals), ``distance_threshold``,
-``home_xyz``, ``home_distance``, ``target_noise`` (B's start: uniform jitter of the cube around the target, per axis).
+``home_xyz``, ``home_distance``, ``static_speed``, ``target_noise`` (B's start: uniform jitter of the cube around the target, per axis).
 
 Importing this module registers both ids (``offrl.envs.maniskill`` imports it before building any env).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -40,7 +42,7 @@ TASK_A = "offrl/PickPlaceA-v1"
 TASK_B = "offrl/PickPlaceB-v1"
 #: the defaults of the settings above (also the documentation of their meaning)
 DEFAULTS = {"target_xy": (0.0, 0.12), "region": (-0.1, 0.1, -0.15, 0.03), "distance_threshold": 0.025,
-            "home_xyz": (0.0, 0.0, 0.17), "home_distance": 0.06, "target_noise": 0.005}
+            "home_xyz": (0.0, 0.0, 0.17), "home_distance": 0.06, "static_speed": 0.2, "target_noise": 0.005}
 CUBE_HALF = 0.02
 REST_TOL = 0.005       # m: cube centre within this of its resting height counts as on the table
 REST_SPEED = 0.05      # m/s: cube slower than this counts as resting
@@ -64,12 +66,15 @@ def _check_settings(target_xy: Sequence[float], region: Sequence[float], distanc
 
 
 def task_success(cube_pos: np.ndarray, cube_vel: np.ndarray, tcp_pos: np.ndarray, goal_xy: np.ndarray,
-                 distance_threshold: float, home_xyz: Sequence[float], home_distance: float) -> np.ndarray:
-    """The success rule of both tasks on arrays ``[..., 3]`` (``goal_xy`` ``[..., 2]``); see the module doc."""
+                 distance_threshold: float, home_xyz: Sequence[float], home_distance: float,
+                 arm_qvel: Optional[np.ndarray] = None, static_speed: float = DEFAULTS["static_speed"]) -> np.ndarray:
+    """The success rule of both tasks on arrays ``[..., 3]`` (``goal_xy`` ``[..., 2]``, ``arm_qvel`` ``[..., 7]``,
+    None: still); see the module doc."""
     placed = np.linalg.norm(cube_pos[..., :2] - goal_xy, axis=-1) <= distance_threshold
     resting = (np.abs(cube_pos[..., 2] - CUBE_HALF) <= REST_TOL) & (np.linalg.norm(cube_vel, axis=-1) <= REST_SPEED)
     home = np.linalg.norm(tcp_pos - np.asarray(home_xyz), axis=-1) <= home_distance
-    return placed & resting & home
+    still = True if arm_qvel is None else np.abs(arm_qvel).max(-1) <= static_speed
+    return placed & resting & home & still
 
 
 def _register() -> None:
@@ -97,8 +102,14 @@ def _register() -> None:
                      target_xy: Sequence[float] = DEFAULTS["target_xy"], region: Sequence[float] = DEFAULTS["region"],
                      distance_threshold: float = DEFAULTS["distance_threshold"],
                      home_xyz: Sequence[float] = DEFAULTS["home_xyz"], home_distance: float = DEFAULTS["home_distance"],
-                     target_noise: float = DEFAULTS["target_noise"], **kwargs: Any):
+                     static_speed: float = DEFAULTS["static_speed"], target_noise: float = DEFAULTS["target_noise"],
+                     **kwargs: Any):
             _check_settings(target_xy, region, distance_threshold, home_xyz, home_distance, target_noise)
+            if not (np.isfinite(static_speed) and static_speed > 0):
+                from offrl.errors import OffrlError
+
+                raise OffrlError(f"pick-and-place: static_speed must be finite and > 0, got {static_speed}")
+            self.static_speed = float(static_speed)
             self.robot_init_qpos_noise = robot_init_qpos_noise
             self.target_xy = tuple(float(v) for v in target_xy)
             self.region = tuple(float(v) for v in region)
@@ -181,7 +192,9 @@ def _register() -> None:
             d_tcp = torch.linalg.norm(self.agent.tcp_pose.p - cube, dim=1)
             d_home = torch.linalg.norm(self.agent.tcp_pose.p - torch.tensor(self.home_xyz, device=cube.device), dim=1)
             home = d_home <= self.home_distance
-            return {"success": placed & resting & home, "is_obj_placed": placed & resting, "is_home": home,
+            still = self.agent.is_static(self.static_speed)
+            return {"success": placed & resting & home & still, "is_obj_placed": placed & resting, "is_home": home,
+                    "is_robot_static": still,
                     "goal_distance": d_goal, "tcp_distance": d_tcp, "home_distance": d_home}
 
         def compute_dense_reward(self, obs: Any, action: torch.Tensor, info: dict):

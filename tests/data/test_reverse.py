@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from offrl.data import OfflineDataset
-from offrl.data.reverse import (fit_arm_dynamics, fit_tracking_gain, gripper_commands, rebuild_ee_actions,
+from offrl.data.reverse import (SETTLE_STEPS, fit_arm_dynamics, fit_tracking_gain, gripper_commands, rebuild_ee_actions,
                                 reverse_dataset, reverse_states)
 from offrl.envs.tasks import DEFAULTS, TASK_A, TASK_B
 from offrl.errors import OffrlError
@@ -64,37 +64,31 @@ def test_gripper_switches_at_the_mirrored_time():
 
 
 def test_dynamics_inversion_recovers_the_commands_of_a_known_arm():
-    """Simulate d_t = c_t A + d_{t-1} B + c_{t-1} G with known matrices; fit_arm_dynamics finds them and
-    rebuild_ee_actions inverts the path back to the commands."""
+    """Simulate d_t = c_t A + [qvel_t, 1] V with known matrices; fit_arm_dynamics finds them and
+    rebuild_ee_actions inverts the path (with its velocities) back to the commands."""
     rng = np.random.default_rng(0)
     A = np.diag([0.3, 0.2, 0.25]) + 0.01 * rng.normal(size=(3, 3))
-    B = np.diag([0.4, 0.4, 0.35])
-    G = np.diag([0.15, 0.12, 0.14])
-    paths, acts = [], []
+    V = 0.01 * rng.normal(size=(8, 3))  # 7 joint velocities and a bias
+    paths, vels, acts = [], [], []
     for _ in range(20):
         T = 40
         a = np.clip(rng.normal(0, 0.5, size=(T, 4)), -1, 1)
-        c = a[:, :3] * 0.1
-        p = np.zeros((T + 1, 3))
-        d_prev, c_prev = np.zeros(3), np.zeros(3)
-        for t in range(T):
-            d = c[t] @ A + d_prev @ B + c_prev @ G
-            p[t + 1] = p[t] + d
-            d_prev, c_prev = d, c[t]
-        paths.append(p)
+        q = rng.normal(0, 0.3, size=(T + 1, 7))
+        d = a[:, :3] * 0.1 @ A + np.concatenate([q[:T], np.ones((T, 1))], axis=1) @ V
+        paths.append(np.concatenate([np.zeros((1, 3)), np.cumsum(d, axis=0)]))
+        vels.append(q)
         acts.append(a)
-    W, rms = fit_arm_dynamics(paths, acts)
-    np.testing.assert_allclose(W, np.concatenate([A, B, G]), atol=1e-8)
+    W, rms = fit_arm_dynamics(paths, vels, acts)
+    np.testing.assert_allclose(W, np.concatenate([A, V]), atol=1e-8)
     assert np.all(rms < 1e-9)
-    # the inversion assumes steady motion before step 0 (this path starts at rest): the error that makes
-    # decays geometrically, so compare from step 15 on
-    finger = np.full(41, 0.04)
-    got = rebuild_ee_actions(paths[0], finger, dynamics=W)
-    np.testing.assert_allclose(got[15:, :3], acts[0][15:, :3], atol=1e-3)
+    got = rebuild_ee_actions(paths[0], np.full(41, 0.04), dynamics=W, qvel=vels[0])
+    np.testing.assert_allclose(got[:, :3], acts[0][:, :3], atol=1e-6)
     k = fit_tracking_gain(paths, acts)
     assert k.shape == (3,) and np.all(k > 0)
     with pytest.raises(OffrlError, match="too few steps"):
-        fit_arm_dynamics([paths[0][:5]], [acts[0][:4]])
+        fit_arm_dynamics([paths[0][:5]], [vels[0][:5]], [acts[0][:4]])
+    with pytest.raises(OffrlError, match="needs qvel"):
+        rebuild_ee_actions(paths[0], np.full(41, 0.04), dynamics=W, qvel=vels[0][:, :3])
 
 
 # -------------------------------------------------------------------------------- real episodes
@@ -145,7 +139,8 @@ def test_reversed_b_episodes_are_a_demonstrations_that_replay(b_dataset):
         np.testing.assert_allclose(e.obs[:, goal][:, :2], np.tile([tx, ty], (e.length + 1, 1)), atol=1e-6)
         # runs back to the state B started from (the arm at rest), terminated there with A's success; the
         # success region is entered a few steps before the end, never at the start
-        assert e.length == fwd.length
+        assert e.length == fwd.length + SETTLE_STEPS  # then holds still
+        np.testing.assert_array_equal(e.actions[-SETTLE_STEPS:, :3], 0.0)
         assert e.success[-1] and e.terminated[-1] and not e.terminated[:-1].any() and not e.success[0]
         np.testing.assert_allclose(e.obs[-1, cube][:3], fwd.obs[0, cube][:3], atol=1e-5)
         assert np.all(np.abs(e.actions) <= 1.0)
