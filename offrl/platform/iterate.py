@@ -106,9 +106,16 @@ def _check_inputs(c: Any) -> None:
     from offrl.data.dataset import OfflineDataset
     from offrl.envs.tasks import TASK_A, TASK_B
 
+    from offrl.platform.checkpoint import checkpoint_json
+
     for key in ("policy_a", "policy_b", "data_a", "data_b"):
         if not getattr(c, key):
             raise OffrlError(f"config key 'iterate.{key}': required (see offrl config keys --prefix iterate.)")
+    for key, want in (("policy_a", TASK_A), ("policy_b", TASK_B)):
+        ckpt = policy_checkpoint(getattr(c, key))
+        got = checkpoint_json(ckpt, "config.json").get("env", {}).get("id")
+        if got != want:
+            raise OffrlError(f"config key 'iterate.{key}': {ckpt} was trained for {got}, expected {want}")
     for key, want in (("data_a", TASK_A), ("data_b", TASK_B)):
         ds = OfflineDataset.load(getattr(c, key))
         if ds.env_id != want:
@@ -180,8 +187,10 @@ def run_iterate(cfg: Any, log: Any = print) -> dict:
 
     c = cfg.iterate
     root = Path(c.root)
-    root.mkdir(parents=True, exist_ok=True)
     state_path = root / STATE
+    if not state_path.exists():
+        _check_inputs(c)  # before anything is written
+    root.mkdir(parents=True, exist_ok=True)
     if state_path.exists():
         try:
             state = json.loads(state_path.read_text())
@@ -191,7 +200,6 @@ def run_iterate(cfg: Any, log: Any = print) -> dict:
             raise OffrlError(f"{root} holds a loop started from other policies or data; choose another iterate.root")
         log(f"[iterate] continuing {root} ({len(state['iterations'])} iteration(s) recorded)")
     else:
-        _check_inputs(c)
         state = {"settings": {k: getattr(c, k) for k in c.__dataclass_fields__}, "iterations": [], "stopped": None}
         _save_state(root, state)
     policies = {"A": str(policy_checkpoint(c.policy_a)), "B": str(policy_checkpoint(c.policy_b))}

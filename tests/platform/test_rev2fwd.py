@@ -206,3 +206,106 @@ def test_merge_refuses_an_empty_rollout_set(tiny_policies, tmp_path):
     assert not (tmp_path / "merged.h5").exists()
     info = merge_successes(data["A"], data["A"], tmp_path / "merged.h5")
     assert info["added"] == 6 and info["episodes"] == 12
+
+
+@pytest.fixture(scope="module")
+def memorized(ray_cluster, tmp_path_factory):
+    """Policies that succeed: the scripted expert's own chains (seeds 0 and 1, one A->B cycle) memorised by
+    3,000 steps of BC each. They replay those chains, which is what iterate's test needs to collect successes."""
+    from offrl.config import load_config
+    from offrl.data.collect import _host_layout
+    from offrl.platform.alternate import _alternate_on_host
+    from offrl.platform.pretrain import run_pretrain_job
+    from offrl.platform.simhost import SimHostPool
+
+    root = tmp_path_factory.mktemp("memorized")
+    cfg = load_config(None, [f"env.id={TASK_A}", "env.num_envs=2", "env.max_episode_steps=100", "cluster.num_hosts=1"])
+    pool = SimHostPool(cfg.env, cfg.cluster, seed=0)
+    try:
+        res = pool._get([pool.hosts[0].apply.remote(_alternate_on_host, EXPERT, EXPERT, [(0, 2)], 0, 1, 100)])
+        layout = pool._get([pool.hosts[0].apply.remote(_host_layout)])[0]
+    finally:
+        pool.shutdown()
+    paths, runs = {}, {}
+    for t, env_id in (("A", TASK_A), ("B", TASK_B)):
+        paths[t] = attempts_dataset(res[0]["attempts"], t, cfg.env, layout, 100, "expert").save(root / f"{t}.h5")
+        c = load_config(ROOT / "tune_configs/pretrain_pickplace.yaml", [
+            f"env.id={env_id}", f"pretrain.dataset={paths[t]}", "pretrain.epochs=10", "pretrain.steps_per_epoch=300",
+            "pretrain.batch_size=64", "pretrain.val_fraction=0", "pretrain.select=last", "pretrain.eval_episodes=1",
+            "env.num_envs=2", "policy.hidden=[128,128]", f"run.root={root}", "run.experiment=p", f"run.trial={t}",
+            "run.progress=false"])
+        runs[t] = run_pretrain_job(c, log=lambda *a: None)
+    return root, runs, paths
+
+
+def _iterate_cmd(root, runs, paths, out):
+    return [sys.executable, "-m", "offrl", "iterate", str(ROOT / "tune_configs/rev2fwd.yaml"),
+            f"iterate.policy_a={runs['A']}", f"iterate.policy_b={runs['B']}", f"iterate.data_a={paths['A']}",
+            f"iterate.data_b={paths['B']}", f"iterate.root={out}", "iterate.max_iterations=2", "iterate.chains=2",
+            "iterate.max_cycles=1", "iterate.steps_per_iter=20", "iterate.steps_per_epoch=10",
+            "iterate.eval_episodes=1", "seed=0"]
+
+
+def test_iterate_resumes_after_a_kill_between_steps(memorized, tmp_path):
+    root, runs, paths = memorized
+    out = tmp_path / "loop"
+    cmd = _iterate_cmd(root, runs, paths, out)
+    # first run: SIGKILL the whole process group as soon as iteration 0's merge is recorded
+    p = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    state_file = out / "iterate.json"
+    deadline = time.time() + 400
+    killed = False
+    while time.time() < deadline and p.poll() is None:
+        try:
+            st = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            st = {}
+        its = st.get("iterations", [])
+        if its and "merge" in its[0]:
+            os.killpg(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    p.wait(timeout=60)
+    assert killed, (p.stdout.read() if p.stdout else "")[-3000:]
+    st = json.loads(state_file.read_text())
+    assert st["iterations"][0]["alternate"]["A_success_rate"]["successes"] == 2  # the memorised chains succeed
+    assert not st["iterations"][0].get("done")
+    alt_json = out / "iter_0" / "alternate" / "alternate.json"
+    stamp = alt_json.stat().st_mtime_ns
+    # second run: the same command continues at the finetuning step
+    r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "continuing" in r.stdout
+    assert alt_json.stat().st_mtime_ns == stamp  # the finished test was not run again
+    st = json.loads(state_file.read_text())
+    assert len(st["iterations"]) == 2 and st["stopped"] == "max_iterations"
+    it0 = st["iterations"][0]
+    assert it0["done"] and it0["merge"]["A"]["added"] == 2 and it0["merge"]["B"]["added"] == 2
+    assert OfflineDataset.load(out / "iter_0" / "data_A.h5").__len__() == 4
+    for t in "AB":
+        assert (out / "iter_0" / "finetune" / t / "eval.json").exists()
+        assert it0["next_policies"][t] == st["iterations"][1]["policies"][t]
+        assert "iter_0/finetune" in st["iterations"][1]["policies"][t]
+    assert "alternate" in st["iterations"][1]
+    table = (out / "iterate.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 1 |")
+    assert (out / "iterate.png").stat().st_size > 0
+
+
+def test_iterate_bad_inputs_are_one_line(memorized, tmp_path):
+    root, runs, paths = memorized
+    base = _iterate_cmd(root, runs, paths, tmp_path / "x")[4:]
+
+    def refused(pattern, *over):
+        r = run_cli("iterate", *base, *over)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1 and pattern in r.stderr, r.stderr
+        assert not (tmp_path / "x").exists()  # nothing written
+
+    refused("iterate.policy_a': required", "iterate.policy_a=")
+    refused(f"was trained for {TASK_B}, expected {TASK_A}", f"iterate.policy_a={runs['B']}")
+    refused(f"holds {TASK_B} data, expected {TASK_A}", f"iterate.data_a={paths['B']}")
+    refused("iterate.chains': must be >= 1", "iterate.chains=0")
+    refused("checkpoint not found", f"iterate.policy_b={tmp_path / 'none'}")
