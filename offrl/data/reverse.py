@@ -19,7 +19,7 @@ is "grasp at a random place, carry, release at the target". For each episode of 
    function of the reversed state (whose velocities are the reversed motion's) and the next position, as a
    policy's action is. A number ``k`` uses ``a = clip((p_{t+1} - p_t) / (s * k), -1, 1)`` instead (``1``: the
    controller's nominal scale). Commands are clipped to the action bounds. The gripper closes (``-1``) on the
-   steps that end with the fingers below the middle of their opening range and opens (``+1``) otherwise
+   steps that end with the fingers closed by more than 15% of their opening range and opens (``+1``) otherwise
    (:func:`gripper_commands`): the reversed release becomes a grasp at the mirrored time.
 4. **Labels.** Success on every reversed state by the partner task's rule. The episode runs all the way back
    to the state the forward episode started from (the arm at rest), terminated there: the partner task's
@@ -50,6 +50,7 @@ QPOS_FIELD = "agent/qpos"
 QVEL_FIELD = "agent/qvel"
 GRIPPER_EPS = 1e-4   # m: finger motion smaller than this keeps the last gripper command
 SETTLE_STEPS = 5     # hold-still steps simulated after the last reversed state
+GRIPPER_LEVEL = 0.85  # the gripper closes once the fingers are below this fraction of their opening range
 
 
 def partner_task(env_id: str) -> str:
@@ -92,18 +93,20 @@ def reverse_states(tree: dict, kind: str = "") -> dict:
     return out
 
 
-def gripper_commands(finger: np.ndarray) -> np.ndarray:
-    """Gripper actions ``[T]`` for finger openings ``finger`` ``[T+1]``: close (-1) on steps that end with the
-    fingers below the midpoint of the episode's opening range, open (+1) otherwise.
+def gripper_commands(finger: np.ndarray, level: float = GRIPPER_LEVEL) -> np.ndarray:
+    """Gripper actions ``[T]`` for finger openings ``finger`` ``[T+1]``: close (-1) on the steps that end with
+    the fingers closed by more than ``1 - level`` of the episode's opening range (below ``min + level * range``),
+    open (+1) otherwise.
 
-    Panda's fingers close in one control step but open over several, so a played-back release is a slow
-    closing: a level rule switches at the step the fingers actually meet the cube, where a rule on the
-    direction of motion would close them around nothing at the first sign of narrowing."""
+    Panda's fingers close in one control step but open over several, so a played-back release is a slow closing
+    with the arm still at the cube: the command switches once that closing is under way, and a grasp played
+    backwards (a one-step opening) switches back. A level rule, unlike one on the direction of motion, is not
+    triggered by the last fraction of a millimetre of a slow opening."""
     finger = np.asarray(finger, np.float64).reshape(-1)
-    mid = 0.5 * (finger.max() + finger.min())
-    if finger.max() - finger.min() < 2 * GRIPPER_EPS:  # the gripper never moves: keep its state
+    lo, hi = finger.min(), finger.max()
+    if hi - lo < 2 * GRIPPER_EPS:  # the gripper never moves: keep its state
         return np.full(finger.shape[0] - 1, 1.0 if finger[0] > 0.02 else -1.0, np.float32)
-    return np.where(finger[1:] < mid, -1.0, 1.0).astype(np.float32)
+    return np.where(finger[1:] < lo + level * (hi - lo), -1.0, 1.0).astype(np.float32)
 
 
 def rebuild_ee_actions(tcp: np.ndarray, finger: np.ndarray, scale: float = 0.1,

@@ -174,7 +174,8 @@ class PickPlaceExpert(PickCubeExpert):
 
     PickCubeExpert's grasp (hover, descend, close, lift), then: carry the cube over the goal at
     ``carry_height``, lower it until it rests on the table, open the gripper and hold still for
-    ``release_steps``, lift straight up until the tool-centre point is ``retreat_height`` above the cube, and go
+    until the fingers are fully open (their slow opening then never overlaps the retreat, so the same episode
+    played backwards shows open fingers on the way down), lift straight up until the tool-centre point is ``retreat_height`` above the cube, and go
     back to the home point (the tasks succeed once the cube rests on the goal and the arm is home). The same
     machine solves both tasks: it reads the cube, the goal and home, wherever they are. A cube dropped before
     release is grasped again.
@@ -183,7 +184,8 @@ class PickPlaceExpert(PickCubeExpert):
     HOVER, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE, RETREAT, HOME = range(9)
     carry_height = 0.08    # m: cube centre height while carried
     place_tol = 0.004      # m: the cube is over the goal (xy) before lowering
-    release_steps = 4      # control steps with the gripper opening before lifting off
+    release_steps = 12     # at most this many control steps with the gripper opening before lifting off
+    open_width = 0.039     # m: ... or fewer, once each finger is this far open (Panda's fingers open to 0.04)
     retreat_height = 0.08  # m: TCP above the cube centre before heading home
     max_step = {HOVER: 1.0, DESCEND: 0.6, CLOSE: 0.0, LIFT: 0.8, CARRY: 0.6, LOWER: 0.4, RELEASE: 0.0,
                 RETREAT: 0.8, HOME: 0.8}
@@ -192,12 +194,14 @@ class PickPlaceExpert(PickCubeExpert):
         goal = _np(env.goal_site.pose.p).copy()
         goal[:, 2] = 0.02  # where the cube's centre rests on the table (the tasks' 4 cm cube)
         home = np.tile(np.asarray(env.home_xyz, np.float64), (goal.shape[0], 1))
-        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": goal, "home": home}
+        finger = _np(env.agent.robot.get_qpos())[:, -2]
+        return {"tcp": _np(env.agent.tcp.pose.p), "cube": _np(env.cube.pose.p), "goal": goal, "home": home,
+                "finger": finger}
 
     def clean_action(self, s: dict[str, np.ndarray]) -> np.ndarray:
         a = np.zeros((self.n, 4))
         for i in range(self.n):
-            self.home = s["home"][i]
+            self.home, self.finger = s["home"][i], s["finger"][i]
             a[i] = self._step_one(i, s["tcp"][i], s["cube"][i], s["goal"][i])
         return a
 
@@ -243,7 +247,7 @@ class PickPlaceExpert(PickCubeExpert):
         if ph == self.RELEASE:
             target = self.anchor[i]
             self.counter[i] += 1
-            if self.counter[i] > self.release_steps:
+            if self.counter[i] > self.release_steps or (self.counter[i] > 1 and self.finger >= self.open_width):
                 ph = self.RETREAT
         if ph == self.RETREAT:
             target = np.array([tcp[0], tcp[1], cube[2] + self.retreat_height])
