@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(offrl/PickPlaceB-v1), then A again... A chain stops at its first failed attempt or after "
                     "--max-cycles A->B cycles. Chains run in parallel on SimHost actors (one chain per env; chain j "
                     "starts from seed --seed + j). Writes alternate.json (consecutive_success mean/median/"
-                    "distribution, A_success_rate and B_success_rate with 95%% intervals, every chain), "
+                    "distribution, A_success_rate and B_success_rate with 95% intervals, every chain), "
                     "consecutive_success.png, and every attempt to rollouts_A.h5 / rollouts_B.h5 (labelled with "
                     "success, with env states).",
         epilog="example: offrl alternate --policy-a runs/pickplace_a/RUN --policy-b runs/pickplace_b/RUN --chains 50")
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     it = sub.add_parser(
         "iterate", help="the reverse-to-forward loop: alternating test -> merge successes -> finetune A and B",
-        description="Each iteration (its own folder ITER_ROOT/iter_<i>): the alternating test of the current A and B "
+        description="Each iteration (its own folder iterate.root/iter_<i>): the alternating test of the current A and B "
                     "policies (offrl alternate), then each task's original data merged with the successful "
                     "rollouts collected so far (offrl data merge), then A and B finetuned from their latest "
                     "checkpoints for iterate.steps_per_iter gradient steps on the merged data. Stops after "
