@@ -176,7 +176,9 @@ class PickPlaceExpert(PickCubeExpert):
     ``carry_height``, lower it until it rests on the table, open the gripper and hold still for
     until the fingers are fully open (their slow opening then never overlaps the retreat, so the same episode
     played backwards shows open fingers on the way down), lift straight up until the tool-centre point is ``retreat_height`` above the cube, and go
-    back to the home point (the tasks succeed once the cube rests on the goal and the arm is home). The same
+    back to the home point, every move ramping up its speed as gently as the proportional step slows it down
+    near its target (so the episode reversed in time approaches its targets as gently; without the ramp,
+    policies trained on reversed B data placed the cube on A's target less than half as often) (the tasks succeed once the cube rests on the goal and the arm is home). The same
     machine solves both tasks: it reads the cube, the goal and home, wherever they are. A cube dropped before
     release is grasped again.
     """
@@ -189,6 +191,15 @@ class PickPlaceExpert(PickCubeExpert):
     retreat_height = 0.08  # m: TCP above the cube centre before heading home
     max_step = {HOVER: 1.0, DESCEND: 0.6, CLOSE: 0.0, LIFT: 0.8, CARRY: 0.6, LOWER: 0.4, RELEASE: 0.0,
                 RETREAT: 0.8, HOME: 0.8}
+    ramp = 0.15            # |a_xyz| cap grows by this per step of a phase: moves start as gently as they end
+
+    def __init__(self, n: int = 1, action_noise: float = 0.0, seed: int = 0, gain: float = 1.5):
+        super().__init__(n, action_noise, seed, gain)
+        self.since = np.zeros(self.n, np.int64)  # steps spent in the current phase
+
+    def reset(self, mask: Optional[np.ndarray] = None) -> None:
+        super().reset(mask)
+        self.since[slice(None) if mask is None else np.asarray(mask, bool)] = 0
 
     def privileged(self, env: Any) -> dict[str, np.ndarray]:
         goal = _np(env.goal_site.pose.p).copy()
@@ -255,9 +266,12 @@ class PickPlaceExpert(PickCubeExpert):
                 ph = self.HOME
         if ph == self.HOME:
             target = self.home
+        self.since[i] = self.since[i] + 1 if ph == self.phase[i] else 0
         self.phase[i] = ph
         out = np.empty(4)
-        out[:3] = self._move(tcp, target, self.max_step[ph])
+        # the P-controller slows every move down as it nears its target; the ramp speeds it up as gently, so the
+        # episode played backwards (offrl data reverse) still approaches its targets slowly
+        out[:3] = self._move(tcp, target, min(self.max_step[ph], self.ramp * (self.since[i] + 1)))
         out[3] = 1.0 if ph in (self.HOVER, self.DESCEND, self.RELEASE, self.RETREAT, self.HOME) else -1.0
         return out
 
