@@ -14,7 +14,7 @@ Stages (each skipped when its output exists, so an interrupted benchmark continu
    finetune both policies; iterations 0..``--iterations``.
 
     python bench/rev2fwd.py [--seeds 0] [--steps 8000] [--chains 50] [--iterations 3] [--out runs/rev2fwd]
-                            [--stages data policies alternate iterate] [--quick]
+                            [--stages data policies alternate iterate] [--env-kwargs YAML] [--quick]
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def offrl(*args: str, log=print) -> str:
     return out
 
 
+def env_kwargs(args) -> list[str]:
+    """The task settings (``--env-kwargs``) as a config override for collect and pretrain."""
+    return [f"env.kwargs={args.env_kwargs}"] if args.env_kwargs else []
+
+
 def data_paths(args) -> dict[str, Path]:
     d = Path(args.data)
     n = args.demos
@@ -61,7 +66,8 @@ def stage_data(args, log) -> dict:
     for key, env in (("B", B), ("A_fwd", A)):
         if not paths[key].exists():
             out = offrl("collect", "tune_configs/collect_pickplace.yaml", f"env.id={env}",
-                        f"collect.episodes={args.demos}", f"collect.output={paths[key]}", "seed=0", log=log)
+                        f"collect.episodes={args.demos}", f"collect.output={paths[key]}", "seed=0",
+                        *env_kwargs(args), log=log)
             (paths[key].with_suffix(".collect.txt")).write_text(out)
     for key in ("B", "A_fwd"):
         txt = paths[key].with_suffix(".collect.txt")
@@ -91,7 +97,8 @@ def stage_policies(args, log) -> dict:
                   f"pretrain.epochs={max(1, args.steps // 200)}", "pretrain.steps_per_epoch=200" if args.steps >= 200
                   else f"pretrain.steps_per_epoch={args.steps}", f"pretrain.eval_episodes={args.episodes}",
                   f"eval.episodes={args.episodes}", f"run.root={root}", "run.experiment=policies",
-                  f"run.trial={run_name(key, seed)}", "run.progress=false", *args.overrides, log=log)
+                  f"run.trial={run_name(key, seed)}", "run.progress=false", *env_kwargs(args), *args.overrides,
+                  log=log)
     return read_policies(args)
 
 
@@ -162,6 +169,8 @@ def main() -> int:
     ap.add_argument("--max-cycles", type=int, default=10, help="A->B cycles per chain at most")
     ap.add_argument("--iterations", type=int, default=3, help="offrl iterate iterations after iteration 0")
     ap.add_argument("--data", default="datasets", help="where the datasets go")
+    ap.add_argument("--env-kwargs", default="", metavar="YAML",
+                    help="task settings for every stage, e.g. '{target_noise: 0.02}' (use with its own --data/--out)")
     ap.add_argument("--out", default="runs/rev2fwd", help="where runs and the report go")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 demos, 200 steps, 10 episodes, 4 chains")

@@ -28,9 +28,9 @@ A policy never meets: measured, a policy trained on such data solved 1-3% of A).
 **Settings** (``env.kwargs`` in an offrl config, or ``gym.make`` keywords): ``target_xy`` (the ring's centre),
 ``region`` (``[xmin, xmax, ymin, ymax]`` of A's starts and B's goals), ``distance_threshold``,
 ``home_xyz``, ``home_distance``, ``static_speed``, ``target_noise`` (B's start: uniform jitter of the cube
-around the target, per axis; 2 cm by default, so that B's starts cover where A's successes, within
-``distance_threshold`` of the target, leave the cube: with 5 mm, B policies chained after A failed on cubes
-that A had placed 15-22 mm off the ring's centre).
+around the target, per axis, 5 mm; the reversed data places the cube as precisely on A's target. 2 cm, so that
+B's starts would cover where A's successes leave the cube, halved A's success from reversed data and did not
+make B any better in the alternating test: see README "Reverse-to-forward").
 
 Importing this module registers both ids (``offrl.envs.maniskill`` imports it before building any env).
 """
@@ -45,7 +45,7 @@ TASK_A = "offrl/PickPlaceA-v1"
 TASK_B = "offrl/PickPlaceB-v1"
 #: the defaults of the settings above (also the documentation of their meaning)
 DEFAULTS = {"target_xy": (0.0, 0.12), "region": (-0.1, 0.1, -0.15, 0.03), "distance_threshold": 0.025,
-            "home_xyz": (0.0, 0.0, 0.17), "home_distance": 0.06, "static_speed": 0.2, "target_noise": 0.02}
+            "home_xyz": (0.0, 0.0, 0.17), "home_distance": 0.06, "static_speed": 0.2, "target_noise": 0.005}
 CUBE_HALF = 0.02
 REST_TOL = 0.005       # m: cube centre within this of its resting height counts as on the table
 REST_SPEED = 0.05      # m/s: cube slower than this counts as resting
