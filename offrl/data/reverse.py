@@ -273,7 +273,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     g = np.asarray(goal_xy if goal_xy is not None else e.env_states["actors"]["cube"][0, :2], np.float32)
     goal[:, :2] = g
     T = e.length
-    trees = [_np_tree(_index_np(states, t)) for t in range(T + 1)]
+    trees = [_index_np(states, t) for t in range(T + 1)]
     obs = []
     for t in range(T + 1):
         env.set_state_dict(_torch_tree(states, t))
@@ -299,7 +299,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     per_mode: dict[str, list] = {m: [] for m in modes}
     succ = []
     for t in range(end):
-        env.set_state_dict(_torch_tree(_stack(trees[t + 1 : t + 2]), 0))
+        env.set_state_dict(_torch_tree(_stack([trees[t + 1]]), 0))
         info = env.evaluate()
         succ.append(bool(info["success"].reshape(-1)[0]))
         a = torch.as_tensor(np.asarray(actions[t : t + 1], np.float32))

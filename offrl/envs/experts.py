@@ -137,9 +137,12 @@ class PickCubeExpert(ScriptedExpert):
             a[i] = self._step_one(i, s["tcp"][i], s["cube"][i], s["goal"][i])
         return a
 
-    def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        ph = self.phase[i]
-        if ph in (self.LIFT, self.CARRY) and np.linalg.norm(tcp - cube) > self.drop_dist:
+    def _grasp(self, i: int, ph: int, tcp: np.ndarray, cube: np.ndarray, held: tuple) -> tuple[int, Any]:
+        """HOVER -> DESCEND -> CLOSE -> LIFT, the grasp every expert here starts with; a cube that leaves the
+        gripper in one of the ``held`` phases is grasped again. Returns the phase and the target of the last
+        grasp phase run (None when none ran)."""
+        target = None
+        if ph in held and np.linalg.norm(tcp - cube) > self.drop_dist:
             ph = self.HOVER  # dropped: grasp again
         if ph == self.HOVER:
             target = cube + [0.0, 0.0, self.hover_height]
@@ -155,6 +158,10 @@ class PickCubeExpert(ScriptedExpert):
             self.counter[i] += 1
             if self.counter[i] > self.close_steps:
                 ph, self.offset[i] = self.LIFT, tcp - cube
+        return ph, target
+
+    def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        ph, target = self._grasp(i, self.phase[i], tcp, cube, (self.LIFT, self.CARRY))
         if ph == self.LIFT:
             lift_to = max(goal[2], cube[2] + self.lift_height) + self.offset[i, 2]
             target = np.array([tcp[0], tcp[1], lift_to])
@@ -227,22 +234,7 @@ class PickPlaceExpert(PickCubeExpert):
                     else self.RETREAT
 
     def _step_one(self, i: int, tcp: np.ndarray, cube: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        ph = self.phase[i]
-        if ph in (self.LIFT, self.CARRY, self.LOWER) and np.linalg.norm(tcp - cube) > self.drop_dist:
-            ph = self.HOVER  # dropped on the way: grasp again
-        if ph == self.HOVER:
-            target = cube + [0.0, 0.0, self.hover_height]
-            if np.linalg.norm((cube - tcp)[:2]) < self.xy_tol:
-                ph = self.DESCEND
-        if ph == self.DESCEND:
-            target = cube.copy()
-            if abs(tcp[2] - cube[2]) < self.z_tol:
-                ph, self.counter[i], self.anchor[i] = self.CLOSE, 0, tcp
-        if ph == self.CLOSE:
-            target = self.anchor[i]
-            self.counter[i] += 1
-            if self.counter[i] > self.close_steps:
-                ph, self.offset[i] = self.LIFT, tcp - cube
+        ph, target = self._grasp(i, self.phase[i], tcp, cube, (self.LIFT, self.CARRY, self.LOWER))
         if ph == self.LIFT:
             target = np.array([tcp[0], tcp[1], self.carry_height + self.offset[i, 2]])
             if tcp[2] > self.carry_height + self.offset[i, 2] - 0.01:
