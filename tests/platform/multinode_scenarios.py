@@ -13,6 +13,7 @@ second rather than half a minute. The scenario writes what it observed to OUT.js
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc: tells when a host is busy."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_cluster(workers: int):
@@ -51,7 +59,7 @@ def rollout_node_loss(out: Path) -> None:
         pool = SimHostPool(EnvConfig(id="PickCube-v1", num_envs=1, max_episode_steps=50), ccfg, seed=0)
         report["nodes_before"] = pool.node_ids()
         report["pids_before"] = pool.pids()
-        steps = 600
+        steps = 1500  # several seconds on one CPU
         result: dict = {}
 
         def run() -> None:
@@ -62,9 +70,14 @@ def rollout_node_loss(out: Path) -> None:
                 result["error"] = f"{type(e).__name__}: {e}"
             result["seconds"] = time.time() - t
 
+        victim_pid = report["pids_before"][0]
+        cpu0 = cpu_seconds(victim_pid)
         th = threading.Thread(target=run)
         th.start()
-        time.sleep(1.0)  # the rollout is under way (600 steps take several seconds on one CPU)
+        # remove the node as soon as its host is busy with the rollout, not after a guessed delay
+        deadline = time.monotonic() + 60
+        while cpu_seconds(victim_pid) - cpu0 < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         victim = next(n for n in nodes if n.node_id == report["nodes_before"][0])
         report["removed_node"] = victim.node_id
         report["removed_while_running"] = th.is_alive()

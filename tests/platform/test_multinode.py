@@ -27,7 +27,7 @@ def test_a_rollout_survives_losing_a_worker_node(tmp_path):
     assert rep["removed_while_running"] and rep["removed_node"] == rep["nodes_before"][0]
     # ... and the rollout still returned every sample: 600 steps x 2 envs, all finite
     assert rep["finished"] and rep["error"] is None
-    assert rep["shape"] == rep["expected_shape"] == [600, 2, 42] and rep["actions_shape"] == [600, 2, 4]
+    assert rep["shape"] == rep["expected_shape"] == [1500, 2, 42] and rep["actions_shape"] == [1500, 2, 4]
     assert rep["finite"]
     # host 0 was re-created on the spare node (a new process); host 1 was untouched
     assert rep["nodes_after"][0] in workers - set(rep["nodes_before"])

@@ -12,6 +12,8 @@ from offrl.config import load_config
 from offrl.errors import OffrlError
 from offrl.platform.simhost import SimHostImpl, SimHostPool, concat_rollouts
 
+from multinode_scenarios import cpu_seconds  # noqa: E402  (this folder is on sys.path under pytest)
+
 
 def _cfg(*extra):
     return load_config(None, ["env.num_envs=2", "cluster.num_hosts=2", *extra])
@@ -81,15 +83,19 @@ def test_killed_simhost_is_restarted_and_rollout_redone(ray_cluster):
     pool = SimHostPool(cfg.env, cfg.cluster, seed=0)
     try:
         victim_pid = pool.pids()[0]
-        steps = 300  # several seconds of work per host
+        steps = 1500  # about 5 s of work per host on a 2-core machine (300 steps took 1.2 s)
         result = {}
 
         def run():
             result["r"] = pool.rollout({"kind": "random"}, steps)
 
+        cpu0 = cpu_seconds(victim_pid)
         th = threading.Thread(target=run)
         th.start()
-        time.sleep(1.5)  # the rollout is under way
+        # kill as soon as the victim is busy with the rollout, not after a guessed delay
+        deadline = time.monotonic() + 60
+        while cpu_seconds(victim_pid) - cpu0 < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert th.is_alive()
         os.kill(victim_pid, signal.SIGKILL)
         th.join(timeout=240)
