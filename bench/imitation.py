@@ -14,7 +14,8 @@ step for a batch of 8 envs, and evaluation env-steps/s.
                               [--seeds 0 1 2] [--steps 8000] [--root runs/imitation] [--cost-only] [--report-only]
 
 Needs ``scripts/maniskill_demos.sh PickCube-v1 100 datasets/mp`` first (the motion-planning demos); the
-scripted demos are collected here when missing.
+scripted demos (plain, and DART: the expert's noise-free labels on states visited with action noise 0.2) are
+collected here when missing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
 MP_EE = "datasets/mp/PickCube-v1_mp100.pd_ee_delta_pos.h5"
 MP_JOINT = "datasets/mp/PickCube-v1_mp100.pd_joint_delta_pos.h5"
 SCRIPTED = "datasets/PickCube-v1_scripted100.h5"
+DART = "datasets/PickCube-v1_dart0.2_100.h5"
+# the offrl datasets this benchmark collects itself when missing: path -> collect overrides
+COLLECTED = {SCRIPTED: [], DART: ["collect.action_noise=0.2", "collect.action_labels=expert"]}
 
 # cell -> (row label, dataset, episodes used)
 CELLS = {
@@ -42,6 +46,7 @@ CELLS = {
     "scripted10": ("offrl scripted, pd_ee_delta_pos, 10 demos", SCRIPTED, 10),
     "scripted25": ("offrl scripted, pd_ee_delta_pos, 25 demos", SCRIPTED, 25),
     "scripted100": ("offrl scripted, pd_ee_delta_pos, 100 demos", SCRIPTED, 100),
+    "dart100": ("offrl scripted, DART (noise 0.2, expert labels), 100 demos", DART, 100),
 }
 # policy -> overrides on tune_configs/pretrain_diffusion.yaml (the shared budget and protocol)
 POLICIES = {
@@ -218,15 +223,16 @@ def main() -> int:
     lines: list[str] = []
     if not args.cost_only:
         needed = {CELLS[c][1] for c in args.cells}
-        for path in needed - {SCRIPTED}:
+        for path in needed - set(COLLECTED):
             if not Path(path).exists():
                 print(f"missing {path}: run scripts/maniskill_demos.sh PickCube-v1 100 datasets/mp first")
                 return 2
         if not args.report_only:
             init_ray(load_config(CONFIG).cluster)
-        if SCRIPTED in needed and not Path(SCRIPTED).exists() and not args.report_only:
-            collect(load_config("tune_configs/collect_pickcube.yaml",
-                                ["collect.episodes=100", f"collect.output={SCRIPTED}", "seed=0"]))
+        for path, extra in COLLECTED.items():
+            if path in needed and not Path(path).exists() and not args.report_only:
+                collect(load_config("tune_configs/collect_pickcube.yaml",
+                                    ["collect.episodes=100", f"collect.output={path}", "seed=0", *extra]))
         results: dict = {}
         for cell in args.cells:
             for policy in args.policies:

@@ -13,6 +13,10 @@ Stages (each skipped when its output exists, so an interrupted benchmark continu
 4. **The loop** (``offrl iterate tune_configs/rev2fwd.yaml``): alternating test, merge successful rollouts,
    finetune both policies; iterations 0..``--iterations``.
 
+Stages 2-4 run once per training seed (``--seeds``); the first seed's test and loop go to ``OUT/alternate`` and
+``OUT/iterate``, later seeds' to ``OUT/alternate_seedS`` and ``OUT/iterate_seedS``; with several seeds the report
+adds a table of the loop pooled over seeds.
+
     python bench/rev2fwd.py [--seeds 0] [--steps 8000] [--chains 50] [--iterations 3] [--out runs/rev2fwd]
                             [--stages data policies alternate iterate] [--env-kwargs YAML] [--quick]
 """
@@ -141,20 +145,27 @@ def report(args, info: dict, pol: dict, log) -> str:
         if key in pol:
             per = ", ".join(f"{x:.2f}" for x in pol[key]["per_seed"])
             lines.append(f"| {label} | {fmt(pol[key]['k'], pol[key]['n'])} (per seed {per}) |")
-    alt = Path(args.out) / "alternate" / "alternate.json"
-    if alt.exists():
+    for seed in args.seeds:
+        alt = seed_dir(args, "alternate", seed) / "alternate.json"
+        if not alt.exists():
+            continue
         s = json.loads(alt.read_text())
         cs = s["consecutive_success"]
-        lines.append(f"| alternating test ({s['chains']} chains, max {s['max_cycles']} cycles): consecutive_success | "
-                     f"mean {cs['mean']:.2f}, median {cs['median']:.1f}, max {cs['max']} |")
+        tag = f"seed {seed}: " if len(args.seeds) > 1 else ""
+        lines.append(f"| {tag}alternating test ({s['chains']} chains, max {s['max_cycles']} cycles): "
+                     f"consecutive_success | mean {cs['mean']:.2f}, median {cs['median']:.1f}, max {cs['max']} |")
         for t in ("A", "B"):
             r = s[f"{t}_success_rate"]
             val = "- (no attempt)" if r["mean"] is None else f"{r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
-            lines.append(f"| alternating test: {t}_success_rate | {val} ({r['successes']}/{r['attempts']} attempts) |")
+            lines.append(f"| {tag}alternating test: {t}_success_rate | {val} ({r['successes']}/{r['attempts']} attempts) |")
     text = "\n".join(lines)
-    it = Path(args.out) / "iterate" / "iterate.md"
-    if it.exists():
-        text += "\n\n" + it.read_text()
+    for seed in args.seeds:
+        it = seed_dir(args, "iterate", seed) / "iterate.md"
+        if it.exists():
+            text += "\n\n" + (f"Seed {seed}:\n\n" if len(args.seeds) > 1 else "") + it.read_text()
+    pooled_its = iterate_summary(args)
+    if pooled_its:
+        text += "\n\n" + pooled_its
     return text
 
 
@@ -209,26 +220,62 @@ def main() -> int:
     return 0
 
 
+def seed_dir(args, name: str, seed: int) -> Path:
+    """Where a seed's alternating test / loop goes: ``OUT/NAME`` for the first seed, ``OUT/NAME_seedS`` after."""
+    return Path(args.out) / (name if seed == args.seeds[0] else f"{name}_seed{seed}")
+
+
 def stage_alternate(args, log) -> None:
-    out = Path(args.out) / "alternate"
-    if (out / "alternate.json").exists():
-        return
-    seed = args.seeds[0]
-    pa = Path(args.out) / "policies" / run_name("A_rev", seed)
-    pb = Path(args.out) / "policies" / run_name("B", seed)
-    offrl("alternate", "--policy-a", str(pa), "--policy-b", str(pb), "--chains", str(args.chains),
-          "--max-cycles", str(args.max_cycles), "--out", str(out), log=log)
+    for seed in args.seeds:
+        out = seed_dir(args, "alternate", seed)
+        if (out / "alternate.json").exists():
+            continue
+        pa = Path(args.out) / "policies" / run_name("A_rev", seed)
+        pb = Path(args.out) / "policies" / run_name("B", seed)
+        offrl("alternate", "--policy-a", str(pa), "--policy-b", str(pb), "--chains", str(args.chains),
+              "--max-cycles", str(args.max_cycles), "--out", str(out), log=log)
 
 
 def stage_iterate(args, log) -> None:
-    seed = args.seeds[0]
-    pa = Path(args.out) / "policies" / run_name("A_rev", seed)
-    pb = Path(args.out) / "policies" / run_name("B", seed)
     paths = data_paths(args)
-    offrl("iterate", "tune_configs/rev2fwd.yaml", f"iterate.policy_a={pa}", f"iterate.policy_b={pb}",
-          f"iterate.data_a={paths['A_rev']}", f"iterate.data_b={paths['B']}", f"iterate.root={Path(args.out) / 'iterate'}",
-          f"iterate.max_iterations={args.iterations + 1}", f"iterate.chains={args.chains}",
-          f"iterate.max_cycles={args.max_cycles}", log=log)
+    for seed in args.seeds:
+        pa = Path(args.out) / "policies" / run_name("A_rev", seed)
+        pb = Path(args.out) / "policies" / run_name("B", seed)
+        offrl("iterate", "tune_configs/rev2fwd.yaml", f"iterate.policy_a={pa}", f"iterate.policy_b={pb}",
+              f"iterate.data_a={paths['A_rev']}", f"iterate.data_b={paths['B']}",
+              f"iterate.root={seed_dir(args, 'iterate', seed)}", f"iterate.max_iterations={args.iterations + 1}",
+              f"iterate.chains={args.chains}", f"iterate.max_cycles={args.max_cycles}", log=log)
+
+
+def iterate_summary(args) -> str:
+    """Iterations pooled over the seeds whose loop finished: consecutive_success as the mean over seeds (each
+    seed's own mean in brackets), A/B chain success rates over the pooled attempts with Wilson intervals."""
+    runs = []
+    for seed in args.seeds:
+        f = seed_dir(args, "iterate", seed) / "iterate.json"
+        if f.exists():
+            runs.append((seed, json.loads(f.read_text())["iterations"]))
+    if len(runs) < 2:
+        return ""
+    lines = [f"Pooled over seeds {[s for s, _ in runs]}:", "",
+             "| iteration | consecutive_success, mean over seeds (per seed) | A_success_rate (pooled attempts) | "
+             "B_success_rate (pooled attempts) | own-task success after finetuning A / B, mean over seeds |",
+             "|---:|---|---|---|---|"]
+    for i in range(max(len(its) for _, its in runs)):
+        alts = [its[i]["alternate"] for _, its in runs if i < len(its) and "alternate" in its[i]]
+        if not alts:
+            break
+        cs = [a["consecutive_success"]["mean"] for a in alts]
+        cells = []
+        for t in "AB":
+            k = sum(a[f"{t}_success_rate"]["successes"] for a in alts)
+            n = sum(a[f"{t}_success_rate"]["attempts"] for a in alts)
+            cells.append(f"{fmt(k, n)} ({k}/{n})" if n else "- (no attempt)")
+        evs = [its[i]["eval"] for _, its in runs if i < len(its) and its[i].get("eval")]
+        own = (" / ".join(f"{sum(e[t] for e in evs) / len(evs):.2f}" for t in "AB") if evs else "- / -")
+        lines.append(f"| {i} | {sum(cs) / len(cs):.2f} ({', '.join(f'{c:.2f}' for c in cs)}) | {cells[0]} | "
+                     f"{cells[1]} | {own} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

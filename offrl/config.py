@@ -211,6 +211,11 @@ class CollectConfig(_Checked):
     expert: str = _f("auto", "Scripted expert name; auto picks the one registered for env.id.")
     action_noise: float = _f(0.0, "Std of Gaussian noise added to expert actions (suboptimal data).")
     keep_failures: bool = _f(False, "Also keep failed episodes (labelled success=false).")
+    action_labels: Literal["executed", "expert"] = _f(
+        "executed", "What the dataset's actions are: the executed (noisy) ones, or the expert's noise-free action "
+                    "for each visited state while the env runs the noisy one (DART, Laskey et al. 2017: imitation "
+                    "data that shows corrections; the executed actions go to executed_actions). Expert labels do "
+                    "not lead to the recorded next states, so critics should not be trained on them.")
     max_attempts: int = _f(0, "Give up after this many episodes; 0 means 3x episodes + 10 (episodes with keep_failures).")
     first_seed: Optional[int] = _f(
         None, "Episode attempt i resets with seed first_seed + i; null: 1000000 * seed (the master seed).")

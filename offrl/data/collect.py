@@ -26,6 +26,9 @@ import numpy as np
 from offrl.data.format import REWARD_MODES, REWARD_PREFIX, Episode, write_trajectories
 from offrl.errors import OffrlError
 
+#: what a collected dataset's ``actions`` hold (collect.action_labels)
+ACTION_LABELS = ("executed", "expert")
+
 # ------------------------------------------------------------------------------- randomization ranges
 
 #: the task's own ranges (documentation and the config's defaults): [xmin, xmax, ymin, ymax], [zmin, zmax]
@@ -99,13 +102,17 @@ def obs_layout(env: Any) -> list:
 
 
 def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Optional[dict] = None,
-                fresh_scene: bool = False) -> Episode:
+                fresh_scene: bool = False, action_labels: str = "executed") -> Episode:
     """One expert episode on an unwrapped single-env ManiSkill env, recorded in ManiSkill's layout.
 
     Stops at termination (success) or after ``max_steps`` actions (then ``truncated[-1]`` is True).
     Rewards: ``rewards`` under the env's reward mode, and ``rewards_<mode>`` for every mode the task
-    supports, all computed from the same step.
+    supports, all computed from the same step. ``action_labels="expert"`` records, as ``actions``, the
+    expert's noise-free action for each visited state while the env runs the noisy one (DART, Laskey et al.
+    2017); the executed actions are then kept in the extra ``executed_actions``.
     """
+    if action_labels not in ACTION_LABELS:
+        raise OffrlError(f"unknown action_labels {action_labels!r} ({' or '.join(ACTION_LABELS)})")
     import torch
 
     opts = {"reconfigure": True} if fresh_scene else None
@@ -121,10 +128,11 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
     modes = [m for m in REWARD_MODES if m in getattr(env, "SUPPORTED_REWARD_MODES", REWARD_MODES)]
     obs_l = [obs.detach().cpu().numpy()[0]]
     states = [_np_tree(env.get_state_dict())]
-    acts, flags = [], {"terminated": [], "truncated": [], "success": [], "fail": []}
+    acts, labels, flags = [], [], {"terminated": [], "truncated": [], "success": [], "fail": []}
     rewards: dict[str, list] = {"rewards": [], **{REWARD_PREFIX + m: [] for m in modes}}
     for t in range(int(max_steps)):
-        a = expert.act(expert.privileged(env))
+        a, label = expert.act_and_label(expert.privileged(env))
+        labels.append(label[0])
         act = torch.from_numpy(a)
         obs, rew, term, _, info = env.step(act)
         obs_l.append(obs.detach().cpu().numpy()[0])
@@ -143,8 +151,12 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
         if done:
             break
     extras = {"fail": np.array(flags["fail"], bool)} if flags["fail"] else {}
+    actions = np.stack(acts).astype(np.float32)
+    if action_labels == "expert":
+        extras["executed_actions"] = actions
+        actions = np.stack(labels).astype(np.float32)
     return Episode(
-        obs=np.stack(obs_l).astype(np.float32), actions=np.stack(acts).astype(np.float32),
+        obs=np.stack(obs_l).astype(np.float32), actions=actions,
         terminated=np.array(flags["terminated"], bool), truncated=np.array(flags["truncated"], bool),
         success=np.array(flags["success"], bool),
         rewards={k: np.array(v, np.float32) for k, v in rewards.items()},
@@ -154,7 +166,7 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
 
 
 def collect_chunk(env: Any, attempts: list[tuple[int, int]], expert: str, action_noise: float, max_steps: int,
-                  ranges: Optional[dict], keep_failures: bool) -> list[dict]:
+                  ranges: Optional[dict], keep_failures: bool, action_labels: str = "executed") -> list[dict]:
     """Run the attempts ``[(index, seed), ...]`` in order, the first one in a freshly built scene.
 
     Returns one record per attempt: index, seed, success, length, return (of ``rewards``) and, for the
@@ -165,7 +177,7 @@ def collect_chunk(env: Any, attempts: list[tuple[int, int]], expert: str, action
     ex = expert_class(expert)(1, action_noise=action_noise)
     out = []
     for j, (index, seed) in enumerate(attempts):
-        ep = run_episode(env, ex, seed, max_steps, ranges, fresh_scene=(j == 0))
+        ep = run_episode(env, ex, seed, max_steps, ranges, fresh_scene=(j == 0), action_labels=action_labels)
         ok = bool(ep.succeeded)
         out.append({"index": int(index), "seed": int(seed), "success": ok, "length": ep.length,
                     "return": float(ep.rewards["rewards"].sum()), "episode": ep if (ok or keep_failures) else None})
@@ -281,7 +293,7 @@ def collect(cfg: Any, progress: Optional[bool] = None, write: bool = True,
         layout = pool._get([pool.hosts[0].apply.remote(_host_layout)])[0]
         t1 = time.time()
         job = dict(expert=name, action_noise=float(c.action_noise), max_steps=int(max_steps), ranges=ranges or None,
-                   keep_failures=bool(c.keep_failures))
+                   keep_failures=bool(c.keep_failures), action_labels=c.action_labels)
         chunk = int(c.chunk_size)
         results: dict[int, dict] = {}
         inflight: dict[Any, tuple[Any, int]] = {}
@@ -343,7 +355,9 @@ def collect(cfg: Any, progress: Optional[bool] = None, write: bool = True,
         "env_info": {"env_id": cfg.env.id, "env_kwargs": env_kwargs, "max_episode_steps": int(max_steps)},
         "source_type": "offrl-scripted-expert",
         "source_desc": f"offrl collect: expert '{name}', action_noise {c.action_noise}, "
-                       f"{'all' if c.keep_failures else 'successful'} episodes",
+                       f"{'all' if c.keep_failures else 'successful'} episodes"
+                       + ("; actions are the expert's noise-free labels of the visited states (DART), the executed "
+                          "ones are in executed_actions" if c.action_labels == "expert" else ""),
         "offrl": {
             "obs_layout": layout, "reward_mode": cfg.env.reward_mode, "seed": cfg.seed, "first_seed": first_seed,
             "collect": to_dict(c), "expert": name,

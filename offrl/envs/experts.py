@@ -71,10 +71,16 @@ class ScriptedExpert:
 
     def act(self, s: dict[str, np.ndarray]) -> np.ndarray:
         """Actions ``[n, act_dim]`` float32 in [-1, 1]: the state machine's plus clipped Gaussian noise."""
-        a = self.clean_action(s)
+        return self.act_and_label(s)[0]
+
+    def act_and_label(self, s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(executed, label)``, both ``[n, act_dim]`` float32 in [-1, 1]: the noisy action to run and the
+        state machine's own noise-free action for the same state (the label DART records)."""
+        clean = np.clip(self.clean_action(s), -1.0, 1.0)
+        a = clean
         if self.action_noise > 0:
-            a = a + self.rng.normal(0.0, self.action_noise, size=a.shape)
-        return np.clip(a, -1.0, 1.0).astype(np.float32)
+            a = np.clip(clean + self.rng.normal(0.0, self.action_noise, size=clean.shape), -1.0, 1.0)
+        return a.astype(np.float32), clean.astype(np.float32)
 
 
 class PickCubeExpert(ScriptedExpert):

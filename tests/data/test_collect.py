@@ -67,6 +67,20 @@ def test_noisy_data_keeps_failures_when_asked(pool, tmp_path):
     assert [e.info["episode_seed"] for e in eps2] == [e.info["episode_seed"] for e in ds.episodes if e.succeeded]
     for a, b in zip(eps2, [e for e in ds.episodes if e.succeeded]):
         np.testing.assert_array_equal(a.obs, b.obs)
+    # DART labels: the same noisy attempts, recorded with the expert's noise-free action for each visited state
+    cfg = replace(cfg, **{"collect.keep_failures": True, "collect.output": str(tmp_path / "dart.h5"),
+                          "collect.action_labels": "expert"})
+    collect(cfg, pool=pool)
+    dart = OfflineDataset.load(tmp_path / "dart.h5")
+    assert "DART" in json.loads((tmp_path / "dart.json").read_text())["source_desc"]
+    resid = []
+    for d, e in zip(dart.episodes, ds.episodes):
+        np.testing.assert_array_equal(d.obs, e.obs)                        # the env ran the same noisy actions
+        np.testing.assert_array_equal(d.extras["executed_actions"], e.actions)
+        assert np.abs(d.actions).max() <= 1.0 and not np.array_equal(d.actions, e.actions)
+        inside = np.abs(e.actions) < 1.0                                     # executed = label + noise where unclipped
+        resid.append((e.actions - d.actions)[inside])
+    assert 0.4 < np.concatenate(resid).std() < 0.6                          # the noise (std 0.5) is not in the labels
 
 
 def test_cli_collect_reports_and_refuses_to_overwrite(ray_cluster, tmp_path, capsys):
