@@ -15,10 +15,11 @@ Stages (each skipped when its output exists, so an interrupted benchmark continu
 
 Stages 2-4 run once per training seed (``--seeds``); the first seed's test and loop go to ``OUT/alternate`` and
 ``OUT/iterate``, later seeds' to ``OUT/alternate_seedS`` and ``OUT/iterate_seedS``; with several seeds the report
-adds a table of the loop pooled over seeds.
+adds a table of the loop pooled over seeds. ``--expert-b`` runs the loop with ``iterate.expert_b=true`` (task B's
+scripted expert demonstrates from the start state of every failed B attempt) into ``OUT/iterate_expertb[_seedS]``.
 
     python bench/rev2fwd.py [--seeds 0] [--steps 8000] [--chains 50] [--iterations 3] [--out runs/rev2fwd]
-                            [--stages data policies alternate iterate] [--env-kwargs YAML] [--quick]
+                            [--stages data policies alternate iterate] [--env-kwargs YAML] [--expert-b] [--quick]
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def report(args, info: dict, pol: dict, log) -> str:
             lines.append(f"| {tag}alternating test: {t}_success_rate | {val} ({r['successes']}/{r['attempts']} attempts) |")
     text = "\n".join(lines)
     for seed in args.seeds:
-        it = seed_dir(args, "iterate", seed) / "iterate.md"
+        it = seed_dir(args, loop_name(args), seed) / "iterate.md"
         if it.exists():
             text += "\n\n" + (f"Seed {seed}:\n\n" if len(args.seeds) > 1 else "") + it.read_text()
     pooled_its = iterate_summary(args)
@@ -184,6 +185,9 @@ def main() -> int:
                     help="task settings for every stage, e.g. '{target_noise: 0.02}' (use with its own --data/--out)")
     ap.add_argument("--out", default="runs/rev2fwd", help="where runs and the report go")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
+    ap.add_argument("--expert-b", action="store_true",
+                    help="the loop with iterate.expert_b=true (B's expert demonstrates from B's failed chain starts); "
+                         "its runs go to OUT/iterate_expertb[_seedS]")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 demos, 200 steps, 10 episodes, 4 chains")
     ap.add_argument("--report-only", action="store_true", help="run nothing; tabulate what exists")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every pretrain run")
@@ -216,7 +220,7 @@ def main() -> int:
     pol = pol or read_policies(args)
     text = report(args, info, pol, log)
     print(text)
-    (Path(args.out) / "rev2fwd.md").write_text(text + "\n")
+    (Path(args.out) / ("rev2fwd_expertb.md" if args.expert_b else "rev2fwd.md")).write_text(text + "\n")
     return 0
 
 
@@ -236,6 +240,11 @@ def stage_alternate(args, log) -> None:
               "--max-cycles", str(args.max_cycles), "--out", str(out), log=log)
 
 
+def loop_name(args) -> str:
+    """The loop's folder name: ``iterate``, or ``iterate_expertb`` with ``--expert-b``."""
+    return "iterate_expertb" if args.expert_b else "iterate"
+
+
 def stage_iterate(args, log) -> None:
     paths = data_paths(args)
     for seed in args.seeds:
@@ -243,8 +252,9 @@ def stage_iterate(args, log) -> None:
         pb = Path(args.out) / "policies" / run_name("B", seed)
         offrl("iterate", "tune_configs/rev2fwd.yaml", f"iterate.policy_a={pa}", f"iterate.policy_b={pb}",
               f"iterate.data_a={paths['A_rev']}", f"iterate.data_b={paths['B']}",
-              f"iterate.root={seed_dir(args, 'iterate', seed)}", f"iterate.max_iterations={args.iterations + 1}",
-              f"iterate.chains={args.chains}", f"iterate.max_cycles={args.max_cycles}", log=log)
+              f"iterate.root={seed_dir(args, loop_name(args), seed)}", f"iterate.max_iterations={args.iterations + 1}",
+              f"iterate.chains={args.chains}", f"iterate.max_cycles={args.max_cycles}",
+              f"iterate.expert_b={str(args.expert_b).lower()}", log=log)
 
 
 def iterate_summary(args) -> str:
@@ -252,7 +262,7 @@ def iterate_summary(args) -> str:
     seed's own mean in brackets), A/B chain success rates over the pooled attempts with Wilson intervals."""
     runs = []
     for seed in args.seeds:
-        f = seed_dir(args, "iterate", seed) / "iterate.json"
+        f = seed_dir(args, loop_name(args), seed) / "iterate.json"
         if f.exists():
             runs.append((seed, json.loads(f.read_text())["iterations"]))
     if len(runs) < 2:

@@ -614,6 +614,10 @@ class IterateConfig(_Checked):
     steps_per_iter: int = _f(2000, "Gradient steps of each finetuning of A and of B per iteration.")
     steps_per_epoch: int = _f(200, "Gradient steps per finetuning epoch (its checkpoint and log interval).")
     eval_episodes: int = _f(20, "Own-task evaluation episodes after each finetuning (the run's eval.json).")
+    expert_b: bool = _f(
+        False, "After each test, run task B's scripted expert from the start state of every B attempt that "
+               "failed and merge its successful episodes into B's data too (B is the easy task, the one with an "
+               "expert: demonstrations from the states the chains produce, which B's resets never show).")
 
     def check(self) -> None:
         for key in ("max_iterations", "chains", "max_cycles", "steps_per_iter", "steps_per_epoch", "eval_episodes"):

@@ -78,6 +78,14 @@ def _np_tree(x: Any) -> Any:
     return x.detach().cpu().numpy()[0] if hasattr(x, "detach") else np.asarray(x)[0]
 
 
+def _torch_tree(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, dict):
+        return {k: _torch_tree(v) for k, v in x.items()}
+    return torch.as_tensor(np.asarray(x, np.float32))
+
+
 def _stack_trees(trees: list) -> dict:
     first = trees[0]
     if isinstance(first, dict):
@@ -102,12 +110,14 @@ def obs_layout(env: Any) -> list:
 
 
 def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Optional[dict] = None,
-                fresh_scene: bool = False, action_labels: str = "executed") -> Episode:
+                fresh_scene: bool = False, action_labels: str = "executed",
+                start_state: Optional[dict] = None) -> Episode:
     """One expert episode on an unwrapped single-env ManiSkill env, recorded in ManiSkill's layout.
 
     Stops at termination (success) or after ``max_steps`` actions (then ``truncated[-1]`` is True).
     Rewards: ``rewards`` under the env's reward mode, and ``rewards_<mode>`` for every mode the task
-    supports, all computed from the same step. ``action_labels="expert"`` records, as ``actions``, the
+    supports, all computed from the same step. ``start_state`` (a state dict of one env, numpy leaves ``[1, ...]``)
+    starts the episode there instead of at the seed's reset. ``action_labels="expert"`` records, as ``actions``, the
     expert's noise-free action for each visited state while the env runs the noisy one (DART, Laskey et al.
     2017); the executed actions are then kept in the extra ``executed_actions``.
     """
@@ -122,6 +132,9 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
         if randomize is None:
             raise OffrlError(f"no randomization ranges are implemented for {env.spec.id if env.spec else env}")
         randomize(env, ranges, np.random.default_rng([int(seed), 0x5EED]))
+        obs = env.get_obs()
+    if start_state is not None:  # a recorded state (batch of one, numpy leaves) instead of the seed's start
+        env.set_state_dict(_torch_tree(start_state))
         obs = env.get_obs()
     expert.reset()
     expert.seed([int(seed), 0xAC7])

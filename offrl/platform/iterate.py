@@ -6,7 +6,9 @@ Iteration ``i`` lives in ``<iterate.root>/iter_<i>/`` and has three steps, each 
    current policies; every attempt is recorded in ``alternate/rollouts_{A,B}.h5``.
 2. ``data_A.h5`` / ``data_B.h5``: the previous iteration's training data (iteration 0: ``iterate.data_a`` /
    ``iterate.data_b``) merged with this test's *successful* attempts of that task (``OfflineDataset.merge``, as
-   ``offrl data merge`` does), so the data grows by the successes of every iteration.
+   ``offrl data merge`` does), so the data grows by the successes of every iteration. With ``iterate.expert_b``,
+   task B's scripted expert first runs from the start state of every failed B attempt (``expert_B.h5``) and
+   its successful episodes join B's data too.
 3. ``finetune/A`` and ``finetune/B``: pretraining runs initialised from the current policy (its actor, with the
    observation normaliser it was trained with) for ``iterate.steps_per_iter`` gradient steps on the merged data,
    under the policy's own training config; their evaluated checkpoint becomes the next iteration's policy.
@@ -64,17 +66,71 @@ def _successes(path: Path) -> Optional[Any]:
     return ds.subset(keep) if keep else None
 
 
-def merge_successes(prev: str | Path, rollouts: str | Path, out: Path) -> dict:
-    """``prev`` + the successful episodes of ``rollouts`` -> ``out`` (atomic). Refuses an empty merge."""
+def merge_successes(prev: str | Path, rollouts: str | Path, out: Path, extra: Optional[str | Path] = None) -> dict:
+    """``prev`` + the successful episodes of ``rollouts`` (+ every episode of ``extra``, e.g. expert
+    demonstrations) -> ``out`` (atomic). Refuses an empty merge."""
     from offrl.data.dataset import OfflineDataset
 
     base = OfflineDataset.load(prev)
     wins = _successes(Path(rollouts))
-    if wins is None:
+    more = OfflineDataset.load(extra) if extra else None
+    if wins is None and more is None:
         raise OffrlError(f"{rollouts}: no successful rollouts to merge (an empty rollout set)")
-    merged = OfflineDataset.merge([base, wins])
+    merged = OfflineDataset.merge([d for d in (base, wins, more) if d is not None])
     merged.save(out)
-    return {"base": str(prev), "base_episodes": len(base), "added": len(wins), "episodes": len(merged)}
+    report = {"base": str(prev), "base_episodes": len(base), "added": len(wins) if wins is not None else 0,
+              "episodes": len(merged)}
+    if extra:
+        report["expert_added"] = len(more)
+    return report
+
+
+def expert_from_failures(rollouts: str | Path, out: Path, log: Any = print) -> dict:
+    """The task's scripted expert, started from the recorded first state of every failed attempt in
+    ``rollouts``; its successful episodes are written to ``out`` (atomic) in the rollouts' format.
+
+    B is the easy task of the pair, the one with an expert: this gives B demonstrations from the start states
+    the chains actually produce (A's end states), which B's own resets never show."""
+    from offrl.data.collect import run_episode
+    from offrl.data.dataset import OfflineDataset
+    from offrl.data.reverse import make_task_env
+    from offrl.envs.experts import expert_class, expert_for_env
+
+    ds = OfflineDataset.load(rollouts)
+    failed = [(i, e) for i, e in enumerate(ds.episodes) if not e.succeeded]
+    if failed and ds.episodes[0].env_states is None:
+        raise OffrlError(f"{rollouts}: the attempts carry no env states to start the expert from")
+    report = {"failed_attempts": len(failed), "expert_successes": 0, "path": None}
+    if not failed:
+        return report
+    env = make_task_env(ds.env_id, ds)
+    ex = expert_class(expert_for_env(ds.env_id))(1)
+    kept = []
+    try:
+        for i, e in failed:
+            seed = int(e.info.get("episode_seed", i))
+            ep = run_episode(env, ex, seed, ds.max_episode_steps, start_state=_first_state(e.env_states))
+            if ep.succeeded:
+                ep.info["expert_from"] = f"{Path(rollouts).name}#{i}"
+                kept.append(ep)
+    finally:
+        env.close()
+    report["expert_successes"] = len(kept)
+    log(f"[iterate] expert from {len(failed)} failed attempts' start states: {len(kept)} successful demonstrations")
+    if kept:
+        meta = dict(ds.meta)
+        meta["source_type"] = "offrl-scripted-expert"
+        meta["source_desc"] = f"offrl iterate: the scripted expert from the start states of failed attempts in {Path(rollouts).name}"
+        OfflineDataset(kept, meta).save(out)
+        report["path"] = str(out)
+    return report
+
+
+def _first_state(tree: Any) -> Any:
+    """An episode's first state (leaves ``[T, ...]``) as a batch of one (leaves ``[1, ...]``)."""
+    if isinstance(tree, dict):
+        return {k: _first_state(v) for k, v in tree.items()}
+    return tree[:1]
 
 
 def _finetune(ckpt: Path, data: Path, run_root: Path, trial: str, it_cfg: Any, log: Any) -> Path:
@@ -131,13 +187,15 @@ def _row(i: int, it: dict) -> Optional[dict]:
             "A": alt["A_success_rate"], "B": alt["B_success_rate"],
             "added_A": (it.get("merge", {}).get("A") or {}).get("added", 0),
             "added_B": (it.get("merge", {}).get("B") or {}).get("added", 0),
+            "expert_B": (it.get("merge", {}).get("B") or {}).get("expert_added"),
             "eval_A": it.get("eval", {}).get("A"), "eval_B": it.get("eval", {}).get("B")}
 
 
 def write_summary(root: Path, state: dict) -> str:
     rows = [r for i, it in enumerate(state["iterations"]) if (r := _row(i, it))]
     lines = ["| iteration | consecutive_success mean [95% CI] (median) | A_success_rate [95% CI] (attempts) | "
-             "B_success_rate [95% CI] (attempts) | successes merged A / B | own-task success after finetuning A / B |",
+             "B_success_rate [95% CI] (attempts) | successes merged A / B (+ B expert demonstrations) | "
+             "own-task success after finetuning A / B |",
              "|---:|---|---|---|---|---|"]
     for r in rows:
         a, b = r["A"], r["B"]
@@ -145,7 +203,8 @@ def write_summary(root: Path, state: dict) -> str:
         rate = {t: "- (0)" if x["mean"] is None else
                 f"{x['mean']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}] ({x['attempts']})" for t, x in (("A", a), ("B", b))}
         lines.append(f"| {r['iteration']} | {r['consecutive_success']:.2f} [{r['cs_ci95'][0]:.2f}, {r['cs_ci95'][1]:.2f}] "
-                     f"({r['cs_median']:.1f}) | {rate['A']} | {rate['B']} | {r['added_A']} / {r['added_B']} | {ev} |")
+                     f"({r['cs_median']:.1f}) | {rate['A']} | {rate['B']} | {r['added_A']} / {r['added_B']}"
+                     + (f" + {r['expert_B']} expert" if r["expert_B"] else "") + f" | {ev} |")
     text = "\n".join(lines)
     (root / "iterate.md").write_text(text + "\n")
     if rows:
@@ -236,15 +295,19 @@ def run_iterate(cfg: Any, log: Any = print) -> dict:
             _save_state(root, state)
             log(f"[iterate] stopped: {state['stopped']}")
             break
+        if c.expert_b and "expert_b" not in it:
+            it["expert_b"] = expert_from_failures(d / "alternate" / "rollouts_B.h5", d / "expert_B.h5", log)
+            _save_state(root, state)
         if "merge" not in it:
             it["merge"], new_data = {}, dict(data)
             for t in "AB":
                 out = d / f"data_{t}.h5"
-                if wins[t]:
-                    it["merge"][t] = merge_successes(data[t], d / "alternate" / f"rollouts_{t}.h5", out)
+                extra = (it.get("expert_b") or {}).get("path") if t == "B" else None
+                if wins[t] or extra:
+                    it["merge"][t] = merge_successes(data[t], d / "alternate" / f"rollouts_{t}.h5", out, extra)
                     new_data[t] = str(out)
-                    log(f"[iterate] data {t}: {it['merge'][t]['base_episodes']} + {it['merge'][t]['added']} successes "
-                        f"-> {out}")
+                    log(f"[iterate] data {t}: {it['merge'][t]['base_episodes']} + {it['merge'][t]['added']} successes"
+                        + (f" + {it['merge'][t]['expert_added']} expert demonstrations" if extra else "") + f" -> {out}")
                 else:
                     it["merge"][t] = None
                     log(f"[iterate] data {t}: no successful {t} attempt, the data stays {data[t]}")

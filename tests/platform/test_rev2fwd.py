@@ -208,6 +208,31 @@ def test_merge_refuses_an_empty_rollout_set(tiny_policies, tmp_path):
     assert info["added"] == 6 and info["episodes"] == 12
 
 
+def test_expert_b_starts_from_the_failed_attempts_states_and_joins_the_merge(tiny_policies, tmp_path):
+    from offrl.platform.iterate import expert_from_failures, merge_successes
+
+    root, runs, data = tiny_policies
+    # two "failed" B attempts whose start has the cube moved 1.5 cm in x off where the seed's reset puts it
+    ds = OfflineDataset.load(data["B"]).subset([0, 1])
+    for e in ds.episodes:
+        e.success[:] = False
+        e.terminated[:] = False
+        e.truncated[-1] = True
+        e.info["success"] = False
+        e.env_states["actors"]["cube"][0, 0] += 0.015
+    failed = ds.save(tmp_path / "rollouts_B.h5")
+    r = expert_from_failures(failed, tmp_path / "expert_B.h5", log=lambda *a: None)
+    assert r["failed_attempts"] == 2 and r["expert_successes"] == 2
+    ex = OfflineDataset.load(tmp_path / "expert_B.h5")
+    assert ex.env_id == TASK_B and all(e.succeeded for e in ex.episodes)
+    for e, f in zip(ex.episodes, ds.episodes):
+        np.testing.assert_allclose(e.env_states["actors"]["cube"][0], f.env_states["actors"]["cube"][0], atol=1e-6)
+        np.testing.assert_allclose(e.obs[0, 28], f.obs[0, 28] + 0.015, atol=1e-4)   # obj_pose x: the moved cube
+    # the demonstrations join B's data even when no B attempt succeeded
+    info = merge_successes(data["B"], failed, tmp_path / "merged.h5", extra=tmp_path / "expert_B.h5")
+    assert info["added"] == 0 and info["expert_added"] == 2 and info["episodes"] == 8
+
+
 @pytest.fixture(scope="module")
 def memorized(ray_cluster, tmp_path_factory):
     """Policies that succeed: the scripted expert's own chains (seeds 0 and 1, one A->B cycle) memorised by
@@ -249,7 +274,7 @@ def _iterate_cmd(root, runs, paths, out):
 def test_iterate_resumes_after_a_kill_between_steps(memorized, tmp_path):
     root, runs, paths = memorized
     out = tmp_path / "loop"
-    cmd = _iterate_cmd(root, runs, paths, out)
+    cmd = _iterate_cmd(root, runs, paths, out) + ["iterate.expert_b=true"]
     # first run: SIGKILL the whole process group as soon as iteration 0's merge is recorded
     p = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
@@ -285,6 +310,11 @@ def test_iterate_resumes_after_a_kill_between_steps(memorized, tmp_path):
     it0 = st["iterations"][0]
     assert it0["done"] and it0["merge"]["A"]["added"] == wins["A"]
     assert (it0["merge"]["B"] or {}).get("added", 0) == wins["B"]
+    b_fails = it0["alternate"]["B_success_rate"]["attempts"] - wins["B"]
+    assert it0["expert_b"]["failed_attempts"] == b_fails  # the expert ran from every failed B start
+    if it0["expert_b"]["expert_successes"]:
+        assert it0["merge"]["B"]["expert_added"] == it0["expert_b"]["expert_successes"]
+        assert len(OfflineDataset.load(out / "iter_0" / "data_B.h5")) == 2 + wins["B"] + it0["expert_b"]["expert_successes"]
     assert len(OfflineDataset.load(out / "iter_0" / "data_A.h5")) == 2 + wins["A"]
     for t in "AB":
         assert (out / "iter_0" / "finetune" / t / "eval.json").exists()
