@@ -12,6 +12,8 @@ Stages (each skipped when its output exists, so an interrupted benchmark continu
    without resets, until the first failure or ``--max-cycles``.
 4. **The loop** (``offrl iterate tune_configs/rev2fwd.yaml``): alternating test, merge successful rollouts,
    finetune both policies; iterations 0..``--iterations``.
+5. **Control** for the loop: policy A finetuned for the same rounds and steps on its original data only, so a
+   change of A's own-task success over the loop can be told apart from the effect of more finetuning.
 
 Stages 2-4 run once per training seed (``--seeds``); the first seed's test and loop go to ``OUT/alternate`` and
 ``OUT/iterate``, later seeds' to ``OUT/alternate_seedS`` and ``OUT/iterate_seedS``; with several seeds the report
@@ -36,7 +38,7 @@ from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
 
 A, B = "offrl/PickPlaceA-v1", "offrl/PickPlaceB-v1"
 CONFIG = "tune_configs/pretrain_pickplace.yaml"
-STAGES = ("data", "policies", "alternate", "iterate")
+STAGES = ("data", "policies", "alternate", "iterate", "control")
 
 
 def offrl(*args: str, log=print) -> str:
@@ -167,6 +169,9 @@ def report(args, info: dict, pol: dict, log) -> str:
     pooled_its = iterate_summary(args)
     if pooled_its:
         text += "\n\n" + pooled_its
+    ctrl = control_summary(args)
+    if ctrl:
+        text += "\n\n" + ctrl
     return text
 
 
@@ -211,6 +216,8 @@ def main() -> int:
             stage_alternate(args, log)
         if "iterate" in args.stages:
             stage_iterate(args, log)
+        if "control" in args.stages:
+            stage_control(args, log)
     if not info and data_paths(args)["A_rev"].exists():
         info = {"reverse": json.loads(data_paths(args)["A_rev"].with_suffix(".json").read_text())["offrl"]["reverse"]}
         for key in ("B", "A_fwd"):
@@ -255,6 +262,44 @@ def stage_iterate(args, log) -> None:
               f"iterate.root={seed_dir(args, loop_name(args), seed)}", f"iterate.max_iterations={args.iterations + 1}",
               f"iterate.chains={args.chains}", f"iterate.max_cycles={args.max_cycles}",
               f"iterate.expert_b={str(args.expert_b).lower()}", log=log)
+
+
+def stage_control(args, log) -> None:
+    """The loop's finetuning without the loop's data: A finetuned on its original (reversed) data only, the same
+    rounds, steps and evaluation as ``offrl iterate`` runs; separates "more finetuning" from "chain rollouts"."""
+    from offrl.config import load_config
+    from offrl.platform.iterate import _finetune, policy_checkpoint
+
+    cfg = load_config("tune_configs/rev2fwd.yaml", [f"iterate.max_iterations={args.iterations + 1}"])
+    for seed in args.seeds:
+        ck = policy_checkpoint(Path(args.out) / "policies" / run_name("A_rev", seed))
+        for i in range(args.iterations):
+            run = _finetune(Path(ck), data_paths(args)["A_rev"], Path(args.out) / f"control_A_seed{seed}" / f"iter_{i}",
+                            "A", cfg.iterate, log)
+            ck = policy_checkpoint(run)
+
+
+def control_summary(args) -> str:
+    rows = []
+    for i in range(args.iterations):
+        loop, ctrl = [], []
+        for seed in args.seeds:
+            f = seed_dir(args, loop_name(args), seed) / "iterate.json"
+            if f.exists():
+                its = json.loads(f.read_text())["iterations"]
+                if i < len(its) and its[i].get("eval", {}).get("A") is not None:
+                    loop.append(its[i]["eval"]["A"])
+            ev = Path(args.out) / f"control_A_seed{seed}" / f"iter_{i}" / "finetune" / "A" / "eval.json"
+            if ev.exists():
+                ctrl.append(json.loads(ev.read_text())["success_once"]["mean"])
+        if ctrl:
+            fm = lambda xs: f"{sum(xs) / len(xs):.2f} ({', '.join(f'{x:.2f}' for x in xs)})" if xs else "-"  # noqa: E731
+            rows.append(f"| {i} | {fm(loop)} | {fm(ctrl)} |")
+    if not rows:
+        return ""
+    return "\n".join(["A's own-task success after each finetuning round, mean over seeds (per seed):", "",
+                      "| round | the loop (original + chain successes) | control (original data only) |",
+                      "|---:|---|---|", *rows])
 
 
 def iterate_summary(args) -> str:

@@ -327,6 +327,21 @@ class SequenceBCLearner:
         out["action_mse"] = float((a.executed(pred) - a.executed(x)).pow(2).mean())
         return out
 
+    def start_from_actor(self, raw_loaded: bool = False) -> None:
+        """After the evaluated policy (the ``actor`` part) was loaded from another run: train on from it.
+
+        With EMA the loaded weights sit in the EMA copy, while training updates the raw weights and the EMA
+        overwrites its copy from its own shadow weights at every step, so without this both would carry on from
+        this run's random initialisation. Copies the loaded policy (weights and normaliser) into the raw weights
+        (unless those were loaded too, ``raw_loaded``) and into the EMA's shadow weights, and restarts the EMA
+        warm-up."""
+        if not self.use_ema:
+            return
+        if not raw_loaded:
+            self.net.load_state_dict(self.ema_net.state_dict())
+        self.ema.shadow_params = [p.clone().detach() for p in self.ema_net.parameters()]
+        self.ema.optimization_step = 0
+
     # -- checkpoint plumbing (the OfflineLearner contract)
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "actor_train": self.net} if self.use_ema else {"actor": self.net}

@@ -358,6 +358,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             if init_from:
                 parts = list(init_parts) if init_parts else list(learner.modules())
                 load_checkpoint(init_from, learner.modules(), parts=parts, restore_rng=False)
+                if "actor" in parts and hasattr(learner, "start_from_actor"):  # an EMA learner trains on from it
+                    learner.start_from_actor(raw_loaded="actor_train" in parts)
                 log(f"[offrl] initialised {', '.join(parts)} from {init_from}")
             if pc.algo == "brac":
                 _setup_behavior(cfg, learner, data, log)

@@ -80,6 +80,24 @@ def test_init_from_loads_the_actor_only(tmp_path, expert_dataset, ray_cluster):
     assert torch.allclose(a[w], b[w], atol=1e-6)
 
 
+def test_init_from_an_ema_sequence_policy_trains_on_from_it(tmp_path, expert_dataset, ray_cluster):
+    """The loaded policy sits in the EMA copy; training must carry on from it, not from this run's random
+    initialisation (which the EMA would copy back over it at the first step)."""
+    seq = ("policy.kind=mlp_chunk", "pretrain.epochs=1", "pretrain.eval_episodes=1")
+    src = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc", "run.trial=src", *seq), log=lambda *a: None)
+    run = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc", "run.trial=init", *seq, "seed=7",
+                                "pretrain.actor_lr=1e-12"), init_from=str(src), init_parts=["actor"],
+                           log=lambda *a: None)
+    a = load_file(str(src / "checkpoints" / "1" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "1" / "model.safetensors"))
+    for k in (k for k in a if k.startswith("actor.")):  # the evaluated policy, normaliser included
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for k in (k for k in b if k.startswith("actor_train.")):  # training went on from the loaded weights
+        assert torch.allclose(b[k], a["actor." + k[len("actor_train."):]], atol=1e-6), k
+    first = float(_rows(run)[0]["train/actor_loss"])
+    assert abs(first - float(_rows(src)[-1]["train/actor_loss"])) < 0.5 * float(_rows(src)[0]["train/actor_loss"])
+
+
 def test_eval_cli_on_a_bc_policy(tmp_path, expert_dataset, ray_cluster):
     run = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc", "run.trial=e"), log=lambda *a: None)
     r = run_cli("eval", str(run), "--episodes", "3", "cluster.num_cpus=1", "cluster.num_hosts=1", timeout=300)
