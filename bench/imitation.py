@@ -1,7 +1,8 @@
 """Imitation benchmark on PickCube-v1: MLP BC vs MLP + action chunking vs Diffusion Policy.
 
 Rows are datasets (ManiSkill motion-planning demos in pd_ee_delta_pos with 10 / 25 / 100 episodes, the same
-100 demos in pd_joint_delta_pos, offrl's scripted demos with 10 / 25 / 100 episodes), columns are policies.
+100 demos in pd_joint_delta_pos, offrl's scripted demos with 10 / 25 / 100 episodes, and 100 scripted DART demos:
+noise 0.2, expert labels), columns are policies.
 Every cell trains with the same budget (gradient steps x batch size) and is scored by ``success_once`` on
 100 evaluation episodes with fixed seeds, ``max_episode_steps=100`` and terminations ignored (ManiSkill's
 learning-from-demos protocol), with 95% Wilson intervals; with several seeds a cell shows the mean over
