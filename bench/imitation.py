@@ -214,7 +214,8 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per run")
     ap.add_argument("--root", default="runs/imitation", help="where runs and the report go")
     ap.add_argument("--cost-only", action="store_true", help="only measure the cost table")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished cells ('-' for others)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train and measure nothing: tabulate the finished cells ('-' for others)")
     ap.add_argument("--quiet", action="store_true", help="less output from each run")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. diffusion.widths=[64,128])")
     args = ap.parse_args()
@@ -268,7 +269,8 @@ def main() -> int:
         plot(results, args, root / "imitation.png")
         lines.append(f"plot: {root / 'imitation.png'}")
         lines.append("")
-    lines += cost(args)
+    if args.cost_only or (not args.report_only and "diffusion" in args.policies):
+        lines += cost(args)  # Diffusion Policy against the MLP: only when Diffusion Policy is in the run
     text = "\n".join(lines)
     print(text)
     (root / ("cost.md" if args.cost_only else "imitation.md")).write_text(text + "\n")
