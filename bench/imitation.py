@@ -7,9 +7,10 @@ Every cell trains with the same budget (gradient steps x batch size) and is scor
 100 evaluation episodes with fixed seeds, ``max_episode_steps=100`` and terminations ignored (ManiSkill's
 learning-from-demos protocol), with 95% Wilson intervals; with several seeds a cell shows the mean over
 seeds and the interval of the pooled episodes. Finished cells are read back from their eval.json, so an
-interrupted benchmark continues where it stopped. Then, on the same machine in the same run, the cost of
-Diffusion Policy against the MLP: training seconds per 1,000 gradient steps, milliseconds per replanning
-step for a batch of 8 envs, and evaluation env-steps/s.
+interrupted benchmark continues where it stopped. Then, when Diffusion Policy is among the policies (or with
+``--cost-only``), on the same machine in the same run, the cost of Diffusion Policy against the MLP: training
+seconds per 1,000 gradient steps, milliseconds per replanning step for a batch of 8 envs, and evaluation
+env-steps/s.
 
     python bench/imitation.py [--cells mp_ee100 scripted100] [--policies mlp mlp_chunk diffusion]
                               [--seeds 0 1 2] [--steps 8000] [--root runs/imitation] [--cost-only] [--report-only]
