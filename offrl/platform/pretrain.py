@@ -299,6 +299,10 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         f"val episodes, {what}" + (f", reward '{reward}'" if reward and cds is None else "")
         + (", no reward needed" if not reward else "")
         + (f" + success bonus {bonus:.3g}" if bonus and cds is None else ""))
+    critic_ds = cds if cds is not None else ds
+    if reward and any("executed_actions" in e.extras for e in critic_ds.episodes):
+        log(f"[offrl] warning: {critic_ds.name} holds expert labels (collect.action_labels=expert): its actions are "
+            "not the ones that produced its next states, so the critics learn values of actions never taken")
     if cds is not None:
         nc = next(iter(cdata.values())).shape[0]
         log(f"[offrl] critics on {cds.name}: {len(ctrain)} train / {len(cval) if cval else 0} val episodes, "

@@ -81,6 +81,15 @@ def test_noisy_data_keeps_failures_when_asked(pool, tmp_path):
         inside = np.abs(e.actions) < 1.0                                     # executed = label + noise where unclipped
         resid.append((e.actions - d.actions)[inside])
     assert 0.4 < np.concatenate(resid).std() < 0.6                          # the noise (std 0.5) is not in the labels
+    # critics trained on such labels get a warning
+    from offrl.platform.pretrain import run_pretrain_job
+
+    lines = []
+    run_pretrain_job(load_config(None, [f"pretrain.dataset={tmp_path / 'dart.h5'}", "pretrain.algo=critic_mc",
+                                        "pretrain.epochs=1", "pretrain.steps_per_epoch=2", "pretrain.batch_size=16",
+                                        "pretrain.val_fraction=0", f"run.root={tmp_path}", "run.progress=false",
+                                        "run.tensorboard=false"]), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("warning" in ln and "collect.action_labels=expert" in ln for ln in lines), lines
 
 
 def test_cli_collect_reports_and_refuses_to_overwrite(ray_cluster, tmp_path, capsys):
