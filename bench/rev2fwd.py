@@ -279,16 +279,24 @@ def stage_control(args, log) -> None:
             ck = policy_checkpoint(run)
 
 
+def loop_iterations(args) -> dict:
+    """``{seed: iterate.json's iterations}`` for the seeds whose loop has a state file."""
+    out = {}
+    for seed in args.seeds:
+        f = seed_dir(args, loop_name(args), seed) / "iterate.json"
+        if f.exists():
+            out[seed] = json.loads(f.read_text())["iterations"]
+    return out
+
+
 def control_summary(args) -> str:
     rows = []
+    runs = loop_iterations(args)
     for i in range(args.iterations):
-        loop, ctrl = [], []
+        loop = [its[i]["eval"]["A"] for its in runs.values()
+                if i < len(its) and its[i].get("eval", {}).get("A") is not None]
+        ctrl = []
         for seed in args.seeds:
-            f = seed_dir(args, loop_name(args), seed) / "iterate.json"
-            if f.exists():
-                its = json.loads(f.read_text())["iterations"]
-                if i < len(its) and its[i].get("eval", {}).get("A") is not None:
-                    loop.append(its[i]["eval"]["A"])
             ev = Path(args.out) / f"control_A_seed{seed}" / f"iter_{i}" / "finetune" / "A" / "eval.json"
             if ev.exists():
                 ctrl.append(json.loads(ev.read_text())["success_once"]["mean"])
@@ -305,11 +313,7 @@ def control_summary(args) -> str:
 def iterate_summary(args) -> str:
     """Iterations pooled over the seeds whose loop finished: consecutive_success as the mean over seeds (each
     seed's own mean in brackets), A/B chain success rates over the pooled attempts with Wilson intervals."""
-    runs = []
-    for seed in args.seeds:
-        f = seed_dir(args, loop_name(args), seed) / "iterate.json"
-        if f.exists():
-            runs.append((seed, json.loads(f.read_text())["iterations"]))
+    runs = list(loop_iterations(args).items())
     if len(runs) < 2:
         return ""
     lines = [f"Pooled over seeds {[s for s, _ in runs]}:", "",

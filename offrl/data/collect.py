@@ -78,12 +78,14 @@ def _np_tree(x: Any) -> Any:
     return x.detach().cpu().numpy()[0] if hasattr(x, "detach") else np.asarray(x)[0]
 
 
-def _torch_tree(x: Any) -> Any:
+def state_at(tree: Any, t: int) -> Any:
+    """Step ``t`` of a recorded env-state tree (leaves ``[T, ...]``) as a batch of one for ``set_state_dict``
+    (float32 torch leaves ``[1, ...]``)."""
     import torch
 
-    if isinstance(x, dict):
-        return {k: _torch_tree(v) for k, v in x.items()}
-    return torch.as_tensor(np.asarray(x, np.float32))
+    if isinstance(tree, dict):
+        return {k: state_at(v, t) for k, v in tree.items()}
+    return torch.as_tensor(np.asarray(tree[t : t + 1], np.float32))
 
 
 def _stack_trees(trees: list) -> dict:
@@ -116,7 +118,7 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
 
     Stops at termination (success) or after ``max_steps`` actions (then ``truncated[-1]`` is True).
     Rewards: ``rewards`` under the env's reward mode, and ``rewards_<mode>`` for every mode the task
-    supports, all computed from the same step. ``start_state`` (a state dict of one env, numpy leaves ``[1, ...]``)
+    supports, all computed from the same step. ``start_state`` (one recorded state, from :func:`state_at`)
     starts the episode there instead of at the seed's reset. ``action_labels="expert"`` records, as ``actions``, the
     expert's noise-free action for each visited state while the env runs the noisy one (DART, Laskey et al.
     2017); the executed actions are then kept in the extra ``executed_actions``.
@@ -133,8 +135,8 @@ def run_episode(env: Any, expert: Any, seed: int, max_steps: int, ranges: Option
             raise OffrlError(f"no randomization ranges are implemented for {env.spec.id if env.spec else env}")
         randomize(env, ranges, np.random.default_rng([int(seed), 0x5EED]))
         obs = env.get_obs()
-    if start_state is not None:  # a recorded state (batch of one, numpy leaves) instead of the seed's start
-        env.set_state_dict(_torch_tree(start_state))
+    if start_state is not None:  # a recorded state (see state_at) instead of the seed's start
+        env.set_state_dict(start_state)
         obs = env.get_obs()
     expert.reset()
     expert.seed([int(seed), 0xAC7])

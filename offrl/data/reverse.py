@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from offrl.data.collect import state_at
 from offrl.data.format import REWARD_MODES, REWARD_PREFIX, Episode
 from offrl.errors import OffrlError
 
@@ -188,14 +189,6 @@ def _np_tree(x: Any) -> Any:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def _torch_tree(x: Any, t: int) -> Any:
-    import torch
-
-    if isinstance(x, dict):
-        return {k: _torch_tree(v, t) for k, v in x.items()}
-    return torch.as_tensor(np.asarray(x[t : t + 1], np.float32))
-
-
 def task_kwargs(env_kwargs: dict) -> dict:
     """The pick-and-place tasks' own keywords among a dataset's ``env_kwargs``."""
     from offrl.envs.tasks import DEFAULTS
@@ -276,7 +269,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     trees = [_index_np(states, t) for t in range(T + 1)]
     obs = []
     for t in range(T + 1):
-        env.set_state_dict(_torch_tree(states, t))
+        env.set_state_dict(state_at(states, t))
         obs.append(_np_tree(env.get_obs())[0].astype(np.float32))
     obs = np.stack(obs)
     tcp = obs[:, ds.field_slice(TCP_FIELD)][:, :3]
@@ -287,7 +280,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     obs = list(obs)
     # hold still at the end, simulated from the last reversed state: the arm must come to rest there, and an
     # open-loop replay arrives with some speed left
-    env.set_state_dict(_torch_tree(states, T))
+    env.set_state_dict(state_at(states, T))
     hold = np.array([0.0, 0.0, 0.0, actions[-1][3]], np.float32)
     for _ in range(settle_steps):
         o, _, _, _, _ = env.step(torch.as_tensor(hold[None]))
@@ -299,7 +292,7 @@ def reverse_episode(env: Any, ds: Any, e: Episode, gain: np.ndarray, goal_xy: Op
     per_mode: dict[str, list] = {m: [] for m in modes}
     succ = []
     for t in range(end):
-        env.set_state_dict(_torch_tree(_stack([trees[t + 1]]), 0))
+        env.set_state_dict(state_at(_stack([trees[t + 1]]), 0))
         info = env.evaluate()
         succ.append(bool(info["success"].reshape(-1)[0]))
         a = torch.as_tensor(np.asarray(actions[t : t + 1], np.float32))
@@ -337,7 +330,7 @@ def replay_reversed(env: Any, episodes: Sequence[Episode], progress: Optional[Ca
 
     ok = 0
     for e in episodes:
-        env.set_state_dict(_torch_tree(e.env_states, 0))
+        env.set_state_dict(state_at(e.env_states, 0))
         won = False
         for t in range(e.length):
             _, _, _, _, info = env.step(torch.as_tensor(e.actions[t : t + 1]))

@@ -91,7 +91,7 @@ def expert_from_failures(rollouts: str | Path, out: Path, log: Any = print) -> d
 
     B is the easy task of the pair, the one with an expert: this gives B demonstrations from the start states
     the chains actually produce (A's end states), which B's own resets never show."""
-    from offrl.data.collect import run_episode
+    from offrl.data.collect import run_episode, state_at
     from offrl.data.dataset import OfflineDataset
     from offrl.data.reverse import make_task_env
     from offrl.envs.experts import expert_class, expert_for_env
@@ -111,7 +111,7 @@ def expert_from_failures(rollouts: str | Path, out: Path, log: Any = print) -> d
     try:
         for i, e in failed:
             seed = int(e.info.get("episode_seed", i))
-            ep = run_episode(env, ex, seed, ds.max_episode_steps, start_state=_first_state(e.env_states))
+            ep = run_episode(env, ex, seed, ds.max_episode_steps, start_state=state_at(e.env_states, 0))
             if ep.succeeded:
                 ep.info["expert_from"] = f"{Path(rollouts).name}#{i}"
                 kept.append(ep)
@@ -126,13 +126,6 @@ def expert_from_failures(rollouts: str | Path, out: Path, log: Any = print) -> d
         OfflineDataset(kept, meta).save(out)
         report["path"] = str(out)
     return report
-
-
-def _first_state(tree: Any) -> Any:
-    """An episode's first state (leaves ``[T, ...]``) as a batch of one (leaves ``[1, ...]``)."""
-    if isinstance(tree, dict):
-        return {k: _first_state(v) for k, v in tree.items()}
-    return tree[:1]
 
 
 def _finetune(ckpt: Path, data: Path, run_root: Path, trial: str, it_cfg: Any, log: Any) -> Path:
