@@ -11,6 +11,9 @@ Modes (``--modes``): ``onpolicy`` is each rule as its own literature runs it on 
 for IQL / SARSA with AWR / push-away, and the DAPG behaviour-cloning term (``finetune.bc_coef``, see
 ``--bc-coef``) on offline minibatches for everything else. ``--updates sac`` adds the RLPD-style
 reference row (it brings its own critics, so it runs once per seed whatever ``--advantages`` says).
+``--updates recap`` (RECAP) runs once per guidance weight of ``--recap-weights``; in the offline mode it
+takes the replay + offline mix (IQL, SARSA) or offline rows at ``finetune.offline_ratio`` of every
+minibatch (GAE, MC); in the on-policy mode none (``offline_ratio=0``).
 
 AUC is the area under the evaluation success curve (the start evaluation at step 0 included) divided by
 the step range.
@@ -37,7 +40,8 @@ def _table(rows: list[dict]) -> str:
     for s in rows:
         lo, hi = s["success_after_ci95"]
         auc = f"{s['auc']:.2f}" if s.get("auc") is not None else "-"
-        lines.append(f"| {s['advantage']} | {s['update']} | {s.get('mode', '-')} | {s['seed']} | "
+        upd = s["update"] + (f" (w={s['recap_w']:g})" if s["update"] == "recap" else "")
+        lines.append(f"| {s['advantage']} | {upd} | {s.get('mode', '-')} | {s['seed']} | "
                      f"{s['success_before']:.2f} | {s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {auc} | "
                      f"{s['env_steps']} | {s['rerollout_steps']} |")
     return "\n".join(lines)
@@ -59,9 +63,11 @@ def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
     if upd == "sac":
         return ["finetune.replay=true"]  # sac trains on the replay + offline mix only
     if mode == "onpolicy":
-        return []
-    if adv in ("iql", "sarsa") and upd in ("awr", "push_away"):
+        return ["finetune.offline_ratio=0"] if upd == "recap" else []
+    if adv in ("iql", "sarsa") and upd in ("awr", "push_away", "recap"):
         return ["finetune.replay=true"]
+    if upd == "recap":  # GAE / MC: offline rows (labelled positive) join every minibatch at offline_ratio
+        return []
     return [f"finetune.bc_coef={bc_coef}"]
 
 
@@ -79,6 +85,8 @@ def main() -> int:
                     help="onpolicy: fresh rollouts only; offline: replay + offline mix or the DAPG BC term")
     ap.add_argument("--bc-coef", type=float, default=0.1, help="finetune.bc_coef of the offline mode's DAPG term")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recap-weights", type=float, nargs="+", default=[0.0],
+                    help="finetune.recap_cfg_weight of the recap cells: one cell per weight (0: no guidance)")
     ap.add_argument("--root", default="runs/finetune_grid", help="where the runs go")
     ap.add_argument("--from-dir", default=None,
                     help="only tabulate the finetune_summary.json of runs found under this folder "
@@ -94,10 +102,12 @@ def main() -> int:
 
             cfg = yaml.safe_load((f.parent / "config.yaml").read_text())
             ft = cfg.get("finetune", {})
-            mode = "offline" if ft.get("replay") or ft.get("bc_coef") or ft.get("update") == "sac" else "onpolicy"
+            mode = "offline" if (ft.get("replay") or ft.get("bc_coef") or ft.get("update") == "sac"
+                                 or (ft.get("update") == "recap" and ft.get("offline_ratio"))) else "onpolicy"
             rows.append(json.loads(f.read_text()) | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
-                                                     "run": str(f.parent)})
-        rows.sort(key=lambda r: (r["advantage"], r["update"], r["mode"], r["seed"]))
+                                                     "run": str(f.parent),
+                                                     "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
+        rows.sort(key=lambda r: (r["advantage"], r["update"], r["recap_w"], r["mode"], r["seed"]))
         print(_table(rows))
         return 0
 
@@ -108,14 +118,17 @@ def main() -> int:
     for mode, adv, upd, seed in itertools.product(args.modes, args.advantages, args.updates, args.seeds):
         if upd == "sac":
             adv, mode = "sac", "offline"
-        if (adv, upd, mode, seed) not in cells:
-            cells.append((adv, upd, mode, seed))
-    for adv, upd, mode, seed in cells:
-        trial = f"sac_seed{seed}" if upd == "sac" else f"{adv}_{upd}_{mode}_seed{seed}"
+        for w in (args.recap_weights if upd == "recap" else [0.0]):
+            if (adv, upd, mode, seed, w) not in cells:
+                cells.append((adv, upd, mode, seed, w))
+    for adv, upd, mode, seed, w in cells:
+        tag = f"{upd}_w{w:g}" if upd == "recap" and w else upd
+        trial = f"sac_seed{seed}" if upd == "sac" else f"{adv}_{tag}_{mode}_seed{seed}"
         run = root / "finetune" / trial
         if not (run / "finetune_summary.json").exists():
             cfg = load_config(args.config, [*args.overrides, *([] if upd == "sac" else [f"finetune.advantage={adv}"]),
                                             f"finetune.update={upd}", *_mode_overrides(adv, upd, mode, args.bc_coef),
+                                            *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []),
                                             f"seed={seed}", f"run.root={root}", "run.experiment=finetune",
                                             f"run.trial={trial}", "run.progress=false"])
             if run.exists():
@@ -124,7 +137,7 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"seed": seed, "mode": mode, "auc": _auc(run), "run": str(run)})
+        rows.append(s | {"seed": seed, "mode": mode, "auc": _auc(run), "run": str(run), "recap_w": w})
     table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,21 @@ PRETRAIN_ALGOS = ("bc", "critic_mc", "iql", "sarsa", "bc+critic_mc", "bc+iql", "
 
 
 @dataclass(frozen=True)
+class DistributionalConfig(_Checked):
+    """A categorical value: probabilities over bins returns evenly spaced from v_min to v_max (C51)."""
+
+    bins: int = _f(51, "Number of returns (atoms) the categorical puts mass on; >= 2.")
+    v_min: float = _f(0.0, "Lowest return of the support (returns below are clipped onto it).")
+    v_max: float = _f(1.0, "Highest return of the support (returns above are clipped onto it).")
+
+    def check(self) -> None:
+        if self.bins < 2:
+            raise ConfigError("bins", f"must be >= 2, got {self.bins}")
+        if not self.v_min < self.v_max:
+            raise ConfigError("v_max", f"must be above v_min={self.v_min}, got {self.v_max}")
+
+
+@dataclass(frozen=True)
 class CriticConfig(_Checked):
     """Critic networks: V(s) and Q(s, a) MLPs on state observations."""
 
@@ -277,6 +292,10 @@ class CriticConfig(_Checked):
     l1: float = _f(0.0, "L1: l1 * sum |W| over the critics' weight matrices, added to the loss.")
     residual: bool = _f(False, "Residual hidden layers h + act(W h + b) after the first (equal widths). Capacity "
                                "against underfitting.")
+    distributional: Optional[DistributionalConfig] = _f(
+        None, "A categorical value distribution {bins, v_min, v_max} for the MC critics (pretrain algo critic_mc) "
+              "and GAE's value net: trained by cross-entropy to the return's C51 projection on the support; its "
+              "mean is the value used for advantages. null: a scalar value regressed by squared error.")
 
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
@@ -476,7 +495,7 @@ class EvalConfig(_Checked):
 
 
 ADVANTAGES = ("gae", "mc", "iql", "sarsa")
-UPDATES = ("ppo", "awr", "push_away")
+UPDATES = ("ppo", "awr", "push_away", "recap")
 
 
 @dataclass(frozen=True)
@@ -486,8 +505,10 @@ class FinetuneConfig(_Checked):
     checkpoint: str = _f("", "Pretrained checkpoint (folder or run directory) with the actor; IQL/SARSA read "
                              "its critics too.")
     advantage: Literal["gae", "mc", "iql", "sarsa"] = _f("gae", "Advantage estimator.")
-    update: Literal["ppo", "awr", "push_away", "sac"] = _f(
-        "ppo", "Policy update rule; sac is the off-policy reference row (RLPD-style soft actor-critic with its own "
+    update: Literal["ppo", "awr", "push_away", "recap", "sac"] = _f(
+        "ppo", "Policy update rule; recap: Physical Intelligence's RECAP (pi*0.6), maximum likelihood on all data for "
+               "a policy conditioned on the binarized advantage, acting with the positive condition (see the "
+               "recap_* keys); sac is the off-policy reference row (RLPD-style soft actor-critic with its own "
                "Q ensemble; needs replay: true; finetune.advantage is not used by it).")
     iterations: int = _f(10, "Rollout -> advantage -> update rounds.")
     steps_per_iter: int = _f(50, "Env steps per env per round (on every SimHost).")
@@ -512,6 +533,14 @@ class FinetuneConfig(_Checked):
     push_alpha: float = _f(1.0, "Push-away AWR: weight of the push-down term on negative advantages.")
     push_max: float = _f(1.0, "Push-away AWR: max nats a pushed action's log-likelihood may fall below the "
                               "data-collecting policy's (the bound of the push term).")
+    recap_percentile: float = _f(70.0, "recap: I = positive where A exceeds this percentile of the round's "
+                                       "advantages (on the replay path: of each minibatch's); in (0, 100).")
+    recap_threshold: Optional[float] = _f(None, "recap: a fixed advantage threshold instead of the percentile "
+                                                "(null: use recap_percentile).")
+    recap_drop: float = _f(0.3, "recap: probability that a sample's indicator is replaced by 'none' in training "
+                                "(what guidance contrasts with); in [0, 1).")
+    recap_cfg_weight: float = _f(0.0, "recap: classifier-free guidance weight w >= 0 of the acting policy: "
+                                      "mu = mu_none + (1 + w) (mu_pos - mu_none); 0: plain positive conditioning.")
     value_warmup_iters: int = _f(1, "GAE and sac: first rounds train only the value net / the Q ensemble (the actor waits).")
     critic_online: bool = _f(True, "IQL/SARSA: keep training the pretrained critics on online data.")
     expectile: float = _f(0.7, "IQL expectile for online critic training (SARSA uses 0.5).")
@@ -579,6 +608,20 @@ class FinetuneConfig(_Checked):
             raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
         if self.bc_coef < 0:
             raise ConfigError("bc_coef", f"must be >= 0, got {self.bc_coef}")
+        if not (math.isfinite(self.recap_percentile) and 0.0 < self.recap_percentile < 100.0):
+            raise ConfigError("recap_percentile", f"must be in (0, 100), got {self.recap_percentile}")
+        if self.recap_threshold is not None and not math.isfinite(self.recap_threshold):
+            raise ConfigError("recap_threshold", f"must be a finite number or null, got {self.recap_threshold}")
+        if not (math.isfinite(self.recap_drop) and 0.0 <= self.recap_drop < 1.0):
+            raise ConfigError("recap_drop", f"must be in [0, 1), got {self.recap_drop}")
+        if not (math.isfinite(self.recap_cfg_weight) and self.recap_cfg_weight >= 0):
+            raise ConfigError("recap_cfg_weight", f"must be a finite number >= 0, got {self.recap_cfg_weight}")
+        if self.update == "recap" and self.recap_cfg_weight > 0 and self.recap_drop == 0:
+            raise ConfigError("recap_drop", "guidance (recap_cfg_weight > 0) needs the unconditioned policy, which "
+                                            "only recap_drop > 0 trains")
+        if self.update == "recap" and not self.replay and self.offline_ratio >= 1.0:
+            raise ConfigError("offline_ratio", "recap on the on-policy path adds offline rows at this share of each "
+                                               "minibatch, so it must be < 1")
         if self.update == "sac":
             if not self.replay:
                 raise ConfigError("update", "sac trains off-policy: set finetune.replay=true")
@@ -593,8 +636,8 @@ class FinetuneConfig(_Checked):
         elif self.replay and self.advantage not in ("iql", "sarsa"):
             raise ConfigError("replay", f"the replay path trains critics off-policy, so it needs advantage iql or "
                                         f"sarsa, got {self.advantage} (GAE and MC are on-policy: use bc_coef)")
-        if self.replay and self.update not in ("awr", "push_away", "sac"):
-            raise ConfigError("replay", f"the replay path needs update awr, push_away or sac, got {self.update} "
+        if self.replay and self.update not in ("awr", "push_away", "recap", "sac"):
+            raise ConfigError("replay", f"the replay path needs update awr, push_away, recap or sac, got {self.update} "
                                         "(PPO is on-policy: use bc_coef)")
 
 
@@ -663,6 +706,10 @@ class ExperimentConfig(_Checked):
     run: RunConfig = _sub(RunConfig)
 
     def check(self) -> None:
+        if self.critic.distributional is not None and self.pretrain.critic_mode not in (None, "mc"):
+            raise ConfigError("critic.distributional", f"is for Monte-Carlo-return critics (critic_mc) and GAE's "
+                                                       f"value net; pretrain.algo {self.pretrain.algo} trains "
+                                                       "bootstrapped critics")
         if self.policy.kind == "diffusion":
             halvings = 2 ** (len(self.diffusion.widths) - 1)
             if self.policy.pred_horizon % halvings:
@@ -740,6 +787,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except _NonFinite:
                 raise  # e.g. an inf inside an Optional list of floats: name the element
             except ConfigError:
+                if dataclasses.is_dataclass(a) and isinstance(value, dict):
+                    raise  # an optional section given as a mapping: its own key's error, e.g. x.bins
                 pass
         raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
     if origin is tuple:

@@ -77,6 +77,9 @@ MC_V_MEAN = "charts/mc_v_mean"
 ADVANTAGE_SAMPLES = "charts/advantage_samples"
 REROLLOUT_STEPS = "time/rerollout_steps"
 UPDATE_EPOCHS = "charts/update_epochs"
+RECAP_POSITIVE = "charts/recap_positive_fraction"   # samples labelled I = positive (before the drop-out)
+RECAP_THRESHOLD = "charts/recap_threshold"          # the advantage threshold of the indicator
+RECAP_DROPPED = "charts/recap_dropped_fraction"     # samples whose indicator was replaced by none
 
 # diagnostics
 ADVANTAGE_MEAN = "charts/advantage_mean"

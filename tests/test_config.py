@@ -112,7 +112,7 @@ def test_every_key_is_documented():
 
 @pytest.mark.parametrize("overrides, path, words", [
     (["finetune.replay=true"], "finetune.replay", "needs advantage iql or sarsa"),
-    (["finetune.replay=true", "finetune.advantage=iql", "finetune.update=ppo"], "finetune.replay", "awr, push_away or sac"),
+    (["finetune.replay=true", "finetune.advantage=iql", "finetune.update=ppo"], "finetune.replay", "awr, push_away, recap or sac"),
     (["finetune.advantage=mc", "finetune.mc_samples=1"], "finetune.mc_samples", "mc_samples >= 2"),
     (["finetune.update=sac"], "finetune.update", "set finetune.replay=true"),
     (["finetune.update=sac", "finetune.replay=true", "finetune.sac_subset=11"], "finetune.sac_subset", "[1, sac_ensemble=10]"),

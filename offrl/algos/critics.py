@@ -99,42 +99,114 @@ class CriticMLP(nn.Sequential):
         return self.forward_aux(x)[0]
 
 
-class VNet(nn.Module):
-    """State value V(s): a :class:`CriticMLP` on normalized observations, output ``[B]``."""
+Distributional = Optional[tuple[int, float, float]]  # (bins, v_min, v_max) of a categorical value, or None
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu", **corrections):
+
+def value_support(bins: int, v_min: float, v_max: float) -> torch.Tensor:
+    """The ``bins`` returns a categorical value puts mass on: evenly spaced from ``v_min`` to ``v_max``."""
+    if bins < 2:
+        raise ValueError(f"a categorical value needs bins >= 2, got {bins}")
+    return torch.linspace(float(v_min), float(v_max), int(bins))
+
+
+def categorical_projection(atoms: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Project a distribution with mass ``probs`` ``[B, K]`` at arbitrary returns ``atoms`` ``[B, K]`` onto the
+    fixed evenly spaced ``support`` ``[M]`` (C51's projection, Bellemare et al. 2017, Algorithm 1).
+
+    Every atom is clipped into ``[support[0], support[-1]]``; its mass is split between the two support
+    points around it in proportion to closeness (all of it to a support point it hits exactly). The mean
+    is kept whenever no atom was clipped. Returns ``[B, M]`` probabilities. A scalar return ``G`` is the
+    case ``K = 1`` (``atoms = G[:, None]``, ``probs = 1``); C51's Bellman target is ``atoms = r + gamma z``.
+    """
+    M = support.shape[0]
+    v_min, v_max = float(support[0]), float(support[-1])
+    dz = (v_max - v_min) / (M - 1)
+    b = (atoms.clamp(v_min, v_max) - v_min) / dz          # fractional index into the support
+    lo = b.floor().long().clamp(0, M - 1)
+    hi = b.ceil().long().clamp(0, M - 1)
+    w_hi = b - lo.to(b.dtype)                               # 0 when the atom sits on a support point
+    out = torch.zeros(atoms.shape[0], M, dtype=probs.dtype)
+    out.scatter_add_(1, lo, probs * (1.0 - w_hi))
+    out.scatter_add_(1, hi, probs * w_hi)
+    return out
+
+
+def categorical_value_loss(logits: torch.Tensor, returns: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the predicted categoricals ``logits`` ``[..., B, M]`` against the projection of the
+    scalar ``returns`` ``[B]`` onto ``support`` (mean over everything but the bins)."""
+    target = categorical_projection(returns.reshape(-1, 1), torch.ones_like(returns).reshape(-1, 1), support)
+    return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+class VNet(nn.Module):
+    """State value V(s): a :class:`CriticMLP` on normalized observations, output ``[B]``.
+
+    ``distributional=(bins, v_min, v_max)``: the network outputs the logits of a categorical over ``bins``
+    returns (:func:`value_support`) and ``forward`` returns its mean, so every user of V reads the mean;
+    :meth:`logits` is what :func:`categorical_value_loss` trains.
+    """
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
+                 distributional: Distributional = None, **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.net = CriticMLP(obs_dim, 1, hidden, activation, **corrections)
+        self.distributional = tuple(distributional) if distributional else None
+        out = int(self.distributional[0]) if self.distributional else 1
+        self.net = CriticMLP(obs_dim, out, hidden, activation, **corrections)
+        if self.distributional:
+            self.register_buffer("support", value_support(*self.distributional), persistent=False)
+
+    def _value(self, out: torch.Tensor) -> torch.Tensor:
+        if self.distributional:
+            return (torch.softmax(out, -1) * self.support).sum(-1)
+        return out.squeeze(-1)
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """The categorical's logits ``[B, bins]`` (distributional V only)."""
+        return self.net(self.normalizer(obs))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalizer(obs)).squeeze(-1)
+        return self._value(self.net(self.normalizer(obs)))
 
     def forward_aux(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(V ``[B]``, features ``[B, f]``, KL ``[B]``)."""
         out, feat, kl = self.net.forward_aux(self.normalizer(obs))
-        return out.squeeze(-1), feat, kl
+        return self._value(out), feat, kl
 
 
 class QNet(nn.Module):
     """Action value Q(s, a), optionally twin (two heads; ``forward`` returns both ``[2, B]`` or ``[1, B]``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True, **corrections):
+                 twin: bool = True, distributional: Distributional = None, **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.heads = nn.ModuleList([CriticMLP(obs_dim + act_dim, 1, hidden, activation, **corrections)
+        self.distributional = tuple(distributional) if distributional else None
+        out = int(self.distributional[0]) if self.distributional else 1
+        self.heads = nn.ModuleList([CriticMLP(obs_dim + act_dim, out, hidden, activation, **corrections)
                                     for _ in range(2 if twin else 1)])
+        if self.distributional:
+            self.register_buffer("support", value_support(*self.distributional), persistent=False)
+
+    def _value(self, out: torch.Tensor) -> torch.Tensor:
+        if self.distributional:
+            return (torch.softmax(out, -1) * self.support).sum(-1)
+        return out.squeeze(-1)
+
+    def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Every head's categorical logits ``[H, B, bins]`` (distributional Q only)."""
+        x = torch.cat([self.normalizer(obs), actions], -1)
+        return torch.stack([h(x) for h in self.heads])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.normalizer(obs), actions], -1)
-        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+        return torch.stack([self._value(h(x)) for h in self.heads])
 
     def forward_aux(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Q ``[H, B]``, features ``[H, B, f]``, KL ``[H, B]``)."""
         x = torch.cat([self.normalizer(obs), actions], -1)
         outs = [h.forward_aux(x) for h in self.heads]
-        return (torch.stack([o.squeeze(-1) for o, _, _ in outs]), torch.stack([f for _, f, _ in outs]),
+        return (torch.stack([self._value(o) for o, _, _ in outs]), torch.stack([f for _, f, _ in outs]),
                 torch.stack([k for _, _, k in outs]))
 
     def min(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -153,10 +225,10 @@ class Critics(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True, **corrections):
+                 twin: bool = True, distributional: Distributional = None, **corrections):
         super().__init__()
-        self.v = VNet(obs_dim, hidden, activation, **corrections)
-        self.q = QNet(obs_dim, act_dim, hidden, activation, twin, **corrections)
+        self.v = VNet(obs_dim, hidden, activation, distributional, **corrections)
+        self.q = QNet(obs_dim, act_dim, hidden, activation, twin, distributional, **corrections)
         self.q_target = copy.deepcopy(self.q)
         for p in self.q_target.parameters():
             p.requires_grad_(False)
@@ -186,7 +258,14 @@ class Critics(nn.Module):
 def build_critics(critic_cfg, obs_dim: int, act_dim: int) -> Critics:
     """The :class:`Critics` a ``critic`` config section describes (pretraining and finetuning build the same)."""
     return Critics(obs_dim, act_dim, list(critic_cfg.hidden), critic_cfg.activation, critic_cfg.twin_q,
+                   distributional=distributional_spec(critic_cfg),
                    dropout=critic_cfg.dropout, residual=critic_cfg.residual, vib_size=critic_cfg.vib_size)
+
+
+def distributional_spec(critic_cfg) -> Distributional:
+    """``(bins, v_min, v_max)`` of a ``critic`` config section's ``distributional`` key, or None."""
+    d = getattr(critic_cfg, "distributional", None)
+    return None if d is None else (int(d.bins), float(d.v_min), float(d.v_max))
 
 
 def weight_penalty(modules: Sequence[nn.Module], l2: float, l1: float) -> torch.Tensor:
@@ -290,11 +369,17 @@ def iql_q_loss(critics: Critics, obs: torch.Tensor, actions: torch.Tensor, rewar
 
 def mc_critic_loss(critics: Critics, obs: torch.Tensor, actions: torch.Tensor,
                    returns: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Regress V(s) and every Q head on the discounted Monte-Carlo return G_t of the dataset."""
+    """Regress V(s) and every Q head on the discounted Monte-Carlo return G_t of the dataset; distributional
+    critics take the cross-entropy to the return's projection on their support instead (summed over heads)."""
     v = critics.v(obs)
     qs = critics.q(obs, actions)
-    v_loss = (v - returns).pow(2).mean()
-    q_loss = (qs - returns.unsqueeze(0)).pow(2).mean(1).sum()
+    if critics.v.distributional:
+        sup = critics.v.support
+        v_loss = categorical_value_loss(critics.v.logits(obs), returns, sup)
+        q_loss = sum(categorical_value_loss(lg, returns, sup) for lg in critics.q.logits(obs, actions))
+    else:
+        v_loss = (v - returns).pow(2).mean()
+        q_loss = (qs - returns.unsqueeze(0)).pow(2).mean(1).sum()
     return v_loss + q_loss, {"v_loss": float(v_loss.detach()), "q_loss": float(q_loss.detach()),
                              "v_mean": float(v.detach().mean()), "q_mean": float(qs.detach().mean())}
 

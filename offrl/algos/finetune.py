@@ -16,6 +16,13 @@ Two paths, chosen by ``finetune.replay``:
   are recomputed with the updated critics and drive one AWR / push-away actor step (IQL's online
   finetuning, Kostrikov et al. 2021; AWAC, Nair et al. 2020).
 
+``recap`` (Physical Intelligence's RECAP) labels every sample with ``I = A > threshold`` (a percentile of
+the round's advantages on the on-policy path, of each minibatch's on the replay path, or a fixed value),
+replaces the label by ``none`` with probability ``recap_drop`` and maximises ``log pi(a | s, I)``. On the
+on-policy path every minibatch also takes offline rows at ``offline_ratio`` of its size: labelled by the
+critics when the estimator has them (IQL, SARSA), positive otherwise (GAE, MC: the data are successful
+demonstrations). On the replay path the offline rows are already in the minibatch and the critics label them.
+
 Both add ``bc_coef * -mean log pi(a | s)`` over an offline minibatch to every actor loss when
 ``bc_coef > 0`` (DAPG's behaviour-cloning term, Rajeswaran et al. 2018).
 
@@ -34,10 +41,12 @@ import torch
 from torch import nn
 
 from offrl.algos.advantages import critic_advantage, gae
-from offrl.algos.critics import Critics, VNet, iql_q_loss, iql_value_loss
+from offrl.algos.critics import Critics, VNet, categorical_value_loss, iql_q_loss, iql_value_loss
 from offrl.algos.networks import GaussianActor
 from offrl.algos.optim import guarded_step
-from offrl.algos.policy_losses import awr_loss, normalize, ppo_loss, push_away_awr_loss, value_loss
+from offrl.algos.networks import INDICATOR_NONE, INDICATOR_POSITIVE
+from offrl.algos.policy_losses import (awr_loss, drop_indicator, normalize, ppo_loss, push_away_awr_loss,
+                                       recap_indicator, recap_loss, value_loss)
 from offrl.algos.replay import ReplayBuffer, mixed_batch
 from offrl.errors import OffrlError
 
@@ -103,6 +112,8 @@ class FinetuneLearner(RoundLearner):
         self.offline = offline
         if (cfg.bc_coef > 0 or (cfg.replay and cfg.offline_ratio > 0)) and offline is None:
             raise ValueError("bc_coef > 0 and replay with offline_ratio > 0 need offline data")
+        if cfg.update == "recap" and getattr(actor, "indicator", None) is None:
+            raise ValueError("update recap needs an indicator policy (networks.with_indicator)")
         self.replay = ReplayBuffer(cfg.replay_size, actor.obs_dim, actor.act_dim) if cfg.replay else None
         self.actor = actor
         self.value = value
@@ -118,6 +129,7 @@ class FinetuneLearner(RoundLearner):
         if critics is not None and cfg.critic_online and cfg.advantage in ("iql", "sarsa"):
             self.critic_opt = torch.optim.Adam(list(critics.v.parameters()) + list(critics.q.parameters()),
                                                lr=cfg.critic_lr)
+        self.recap_thr = 0.0  # the indicator threshold of the latest round (on-policy) or minibatch (replay)
         self._init_rounds(seed)
 
     @property
@@ -152,6 +164,9 @@ class FinetuneLearner(RoundLearner):
         if B == 0:
             return {}
         adv_all = batch["adv"]
+        if cfg.update == "recap":  # labels from the raw advantages: a fixed threshold is in their units
+            ind, self.recap_thr = recap_indicator(adv_all, cfg.recap_percentile, cfg.recap_threshold)
+            batch = {**batch, "indicator": ind}
         if cfg.update != "ppo" and cfg.normalize_advantage:
             adv_all = normalize(adv_all)
         mb = max(1, B // cfg.minibatches)
@@ -176,10 +191,40 @@ class FinetuneLearner(RoundLearner):
         out["epochs"] = float(epochs_done)
         return out
 
+    def _recap_rows(self, b: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(obs, actions, indicators) RECAP learns from on a minibatch: its rows, plus on the on-policy path
+        ``offline_ratio`` offline rows, labelled by the critics (IQL, SARSA) or positive (GAE, MC)."""
+        cfg = self.cfg
+        obs, act, ind = b["obs"], b.get("raw_actions", b["actions"]), b["indicator"]
+        if cfg.replay or self.offline is None or cfg.offline_ratio <= 0:
+            return obs, act, ind
+        n = int(round(obs.shape[0] * cfg.offline_ratio / (1.0 - cfg.offline_ratio)))
+        if n < 1:
+            return obs, act, ind
+        off = self.offline
+        idx = torch.randint(0, off["obs"].shape[0], (n,), generator=self.gen)
+        o, a = off["obs"][idx], off["actions"][idx]
+        if self.critics is not None and cfg.advantage in ("iql", "sarsa"):
+            i, _ = recap_indicator(self.critic_advantages(o, a), threshold=self.recap_thr)
+        else:
+            i = torch.full((n,), INDICATOR_POSITIVE, dtype=torch.long)
+        return torch.cat([obs, o]), torch.cat([act, a]), torch.cat([ind, i])
+
     def _actor_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The update rule's loss on a minibatch (plus the BC term when ``bc_coef > 0``)."""
         cfg = self.cfg
         obs, act = b["obs"], b["actions"]
+        if cfg.update == "recap":
+            o, a, ind = self._recap_rows(b)
+            cond = drop_indicator(ind, cfg.recap_drop, self.gen)
+            loss, pm = recap_loss(self.actor.log_prob(o, a, cond))
+            pm.update(recap_pos=float((ind == INDICATOR_POSITIVE).float().mean()),
+                      recap_dropped=float((cond == INDICATOR_NONE).float().mean()), recap_thr=self.recap_thr)
+            if cfg.bc_coef > 0:
+                bc = self.bc_loss(obs.shape[0])
+                loss = loss + cfg.bc_coef * bc
+                pm["bc_loss"] = float(bc.detach())
+            return loss, pm
         # log-probs on the raw (unclipped) sample: the behaviour log-prob was computed on it
         logp = self.actor.log_prob(obs, b.get("raw_actions", act))
         if cfg.update == "ppo":
@@ -220,7 +265,10 @@ class FinetuneLearner(RoundLearner):
             self._step(self.actor_opt, loss, self.actor.parameters(), "policy")
             m.update(pm)
         if self.value_opt is not None and "returns" in b:
-            vl = value_loss(self.value(b["obs"]), b["returns"])
+            if self.value.distributional:  # cross-entropy to the lambda-return's projection on the support
+                vl = categorical_value_loss(self.value.logits(b["obs"]), b["returns"], self.value.support)
+            else:
+                vl = value_loss(self.value(b["obs"]), b["returns"])
             self._step(self.value_opt, cfg.vf_coef * vl if cfg.update == "ppo" else vl, self.value.parameters(), "value")
             m["value_loss"] = float(vl.detach())
         if self.critic_opt is not None and "next_obs" in b:
@@ -239,6 +287,9 @@ class FinetuneLearner(RoundLearner):
                 m["critic_loss"] = self._critic_step(b)
             adv = self.critic_advantages(b["obs"], b["actions"])
             m.update(adv_mean=float(adv.mean()), adv_std=float(adv.std()), pos_ratio=float((adv > 0).float().mean()))
+            if cfg.update == "recap":
+                ind, self.recap_thr = recap_indicator(adv, cfg.recap_percentile, cfg.recap_threshold)
+                b = {**b, "indicator": ind}
             if train_actor:
                 a = normalize(adv) if cfg.normalize_advantage else adv
                 loss, pm = self._actor_loss(b, a)

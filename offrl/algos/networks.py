@@ -63,23 +63,47 @@ class RunningNorm(nn.Module):
         return y.clamp(-self.clip, self.clip)
 
 
+# values of the advantage indicator a RECAP policy is conditioned on (GaussianActor(indicator=True))
+INDICATOR_NONE, INDICATOR_POSITIVE, INDICATOR_NEGATIVE = 0, 1, 2
+
+
 class GaussianActor(nn.Module):
     """Gaussian MLP policy ``a ~ N(mu(s), diag(exp(log_std)))`` with a state-independent log std.
 
     Sampled actions are mapped into the action bounds by clipping (``squash="clip"``, log-prob of the
     unclipped sample, as in PPO implementations) or by ``tanh`` (log-prob with the change-of-variables
     correction ``- sum log(1 - tanh(u)^2)``, as in SAC). ``deterministic`` returns the mean.
+
+    ``indicator=True`` (RECAP, Physical Intelligence's pi*0.6) adds an advantage-indicator input with three
+    values (:data:`INDICATOR_NONE`, :data:`INDICATOR_POSITIVE`, :data:`INDICATOR_NEGATIVE`): an embedding of
+    it is added to the first hidden layer's pre-activation. The embedding starts at zero, so a policy
+    upgraded from an unconditioned one acts exactly as before until it trains. ``dist(obs)`` without a
+    condition is the policy used to act: the positive condition, guided with weight ``guidance`` = w,
+
+        mu = mu_none + (1 + w) * (mu_pos - mu_none),   std unchanged.
+
+    With one state-independent std for every condition this is exactly classifier-free guidance on the
+    Gaussians, pi_none^(-w) * pi_pos^(1 + w) normalised (the quadratic terms' weights -w and 1 + w sum to
+    one, so the variance stays and the mean moves to the line above). Its limits: it extrapolates the mean
+    linearly, so a large w can push it outside the action bounds (where clipping takes over) and can leave
+    the states the data covered; and a Gaussian has one mode, so guidance cannot pick among several.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
                  log_std_init: float = -0.5, squash: str = "clip", action_low: Sequence[float] | None = None,
-                 action_high: Sequence[float] | None = None, min_log_std: float | None = None):
+                 action_high: Sequence[float] | None = None, min_log_std: float | None = None,
+                 indicator: bool = False, guidance: float = 0.0):
         super().__init__()
         self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
         # floor of the log std (None: none, as in checkpoints written before the floor existed)
         self.min_log_std = None if min_log_std is None else float(min_log_std)
         self.normalizer = RunningNorm(obs_dim)
         self.net = mlp(obs_dim, act_dim, hidden, activation)
+        self.guidance = float(guidance)
+        self.indicator = None
+        if indicator:
+            self.indicator = nn.Embedding(3, self.net[0].out_features)
+            nn.init.zeros_(self.indicator.weight)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
         low = torch.as_tensor(action_low if action_low is not None else [-1.0] * act_dim, dtype=torch.float32)
         high = torch.as_tensor(action_high if action_high is not None else [1.0] * act_dim, dtype=torch.float32)
@@ -93,14 +117,33 @@ class GaussianActor(nn.Module):
     def _unscale(self, a: torch.Tensor) -> torch.Tensor:
         return 2.0 * (a - self.action_low) / (self.action_high - self.action_low) - 1.0
 
-    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        mu = self.net(self.normalizer(obs))
+    def _mean(self, x: torch.Tensor, cond: int | torch.Tensor) -> torch.Tensor:
+        """The mean under one indicator value (an int, or ``[B]`` integers) on normalized inputs ``x``."""
+        if not torch.is_tensor(cond):
+            cond = torch.full(x.shape[:-1], int(cond), dtype=torch.long)
+        return self.net[1:](self.net[0](x) + self.indicator(cond))
+
+    def dist(self, obs: torch.Tensor, cond: torch.Tensor | None = None) -> torch.distributions.Normal:
+        """pi(. | s), or for an indicator policy pi(. | s, cond) with ``cond`` ``[B]`` indicator values;
+        without ``cond`` an indicator policy is the guided positive one (see the class docstring)."""
+        x = self.normalizer(obs)
+        if self.indicator is None:
+            if cond is not None:
+                raise ValueError("this policy takes no indicator (built without indicator=True)")
+            mu = self.net(x)
+        elif cond is not None:
+            mu = self._mean(x, cond)
+        else:
+            mu = self._mean(x, INDICATOR_POSITIVE)
+            if self.guidance > 0:
+                mu_none = self._mean(x, INDICATOR_NONE)
+                mu = mu_none + (1.0 + self.guidance) * (mu - mu_none)
         log_std = self.log_std if self.min_log_std is None else self.log_std.clamp(min=self.min_log_std)
         return torch.distributions.Normal(mu, log_std.exp().expand_as(mu), validate_args=False)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi(a|s) summed over action dims, ``[B]``."""
-        d = self.dist(obs)
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi(a|s) (an indicator policy: log pi(a|s, cond)) summed over action dims, ``[B]``."""
+        d = self.dist(obs, cond)
         u = self._unscale(actions)
         if self.squash == "tanh":
             u = u.clamp(-1 + 1e-6, 1 - 1e-6)
@@ -138,6 +181,18 @@ class GaussianActor(nn.Module):
             return self._scale(u), logp, self._scale(u)
         logp = d.log_prob(pre).sum(-1)
         return self._scale(pre.clamp(-1.0, 1.0)), logp, self._scale(pre)
+
+
+def with_indicator(actor: GaussianActor, arch: dict, guidance: float) -> tuple[GaussianActor, dict]:
+    """``(actor, arch)`` of the RECAP policy that starts from ``actor``: the same weights plus a zero
+    indicator embedding (an actor that already has one keeps it), acting with guidance weight ``guidance``.
+    At step 0 it acts exactly as ``actor`` does, whatever the guidance."""
+    new_arch = {**arch, "indicator": True, "guidance": float(guidance)}
+    new = GaussianActor(**{k: v for k, v in new_arch.items() if k != "kind"})
+    missing, unexpected = new.load_state_dict(actor.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("indicator.") for k in missing):
+        raise ValueError(f"cannot upgrade the actor: missing {missing}, unexpected {unexpected}")
+    return new, new_arch
 
 
 def build_actor(arch: dict) -> nn.Module:

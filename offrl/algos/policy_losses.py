@@ -96,3 +96,40 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Te
         return 0.5 * (values - returns).pow(2).mean()
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * torch.max((values - returns).pow(2), (v_clipped - returns).pow(2)).mean()
+
+
+def recap_indicator(adv: torch.Tensor, percentile: float = 70.0,
+                    threshold: float | None = None) -> tuple[torch.Tensor, float]:
+    """RECAP's binarized advantage (pi*0.6): ``I = positive`` where ``A > threshold``, else ``negative``.
+
+    The threshold is ``threshold`` when given, otherwise the ``percentile``-th percentile of ``adv``
+    (linear interpolation, as ``numpy.percentile``): percentile 70 labels about the best 30% positive.
+    Returns (indicator values ``[B]`` as ``long``, the threshold used).
+    """
+    from offrl.algos.networks import INDICATOR_NEGATIVE, INDICATOR_POSITIVE
+
+    a = adv.detach().reshape(-1).float()
+    if threshold is None:
+        if a.numel() == 0:
+            return torch.zeros(0, dtype=torch.long), 0.0
+        threshold = float(torch.quantile(a, percentile / 100.0))
+    ind = torch.where(a > threshold, INDICATOR_POSITIVE, INDICATOR_NEGATIVE).long()
+    return ind, float(threshold)
+
+
+def drop_indicator(ind: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each indicator replaced by ``none`` with probability ``p`` (independently): what lets one network
+    be both the conditioned and the unconditioned policy that guidance contrasts."""
+    from offrl.algos.networks import INDICATOR_NONE
+
+    if p <= 0:
+        return ind
+    drop = torch.rand(ind.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(ind, INDICATOR_NONE), ind)
+
+
+def recap_loss(logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """RECAP's policy loss: plain maximum likelihood, ``-mean log pi(a | s, I)``, over good and bad actions
+    alike (the indicator, not a weight, tells them apart, so no action's likelihood is ever pushed down)."""
+    loss = -logp.mean()
+    return loss, {"policy_loss": float(loss.detach())}

@@ -2,7 +2,7 @@
 
 Each round: rollouts of the current stochastic policy on SimHost actors -> advantages by
 ``finetune.advantage`` (GAE with an online value net; MC re-rollouts inside the actors; IQL or SARSA
-critics) -> update by ``finetune.update`` (PPO, AWR, push-away AWR) -> periodic deterministic
+critics) -> update by ``finetune.update`` (PPO, AWR, push-away AWR, RECAP) -> periodic deterministic
 evaluation with fixed seeds -> checkpoint. The metrics ``step`` is the number of env steps taken by the
 main rollouts (re-rollout steps are counted apart in ``time/rerollout_steps``).
 """
@@ -25,7 +25,7 @@ from offrl.errors import OffrlError
 
 def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any, dict, Any, Optional[Any], Optional[Any], Path]:
     """Actor (+ critics / value net) from the pretrained checkpoint; the env follows the checkpoint's."""
-    from offrl.algos.critics import VNet, build_critics
+    from offrl.algos.critics import VNet, build_critics, distributional_spec
     from offrl.algos.networks import GaussianActor
     from offrl.platform.checkpoint import checkpoint_json, load_checkpoint, resolve_checkpoint
 
@@ -48,6 +48,10 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
                         f"checkpoint {ckpt}", explicit, log)
     actor = GaussianActor(**arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
+    if fc.update == "recap":  # + the advantage indicator input, zero-initialised: acts as before at step 0
+        from offrl.algos.networks import with_indicator
+
+        actor, arch = with_indicator(actor, arch, fc.recap_cfg_weight)
     if fc.init_log_std is not None:
         with torch.no_grad():
             actor.log_std.fill_(fc.init_log_std)
@@ -68,11 +72,19 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
         sc = saved.critic
         critics = build_critics(sc, arch["obs_dim"], arch["act_dim"])
         load_checkpoint(ckpt, {"critics": critics}, parts=["critics"], restore_rng=False)
+    if needs.needs_critics and critics.v.distributional and fc.critic_online:
+        raise OffrlError(f"finetune.advantage={fc.advantage} trains the critics of {ckpt} online by expectile "
+                         "regression, but they are distributional (critic_mc with critic.distributional); set "
+                         "finetune.critic_online=false")
     if needs.needs_value:
-        if critics is not None:  # warm start from the pretrained V
-            value = critics.v
+        want = distributional_spec(cfg.critic)
+        if critics is not None and (want is None or critics.v.distributional == want):
+            value = critics.v  # warm start from the pretrained V
         else:
-            value = VNet(arch["obs_dim"], list(cfg.critic.hidden), cfg.critic.activation)
+            if critics is not None:
+                log(f"[offrl] GAE value net: a fresh distributional V {want} (the checkpoint's V is "
+                    f"{critics.v.distributional or 'scalar'})")
+            value = VNet(arch["obs_dim"], list(cfg.critic.hidden), cfg.critic.activation, want)
             value.normalizer.load_state_dict(actor.normalizer.state_dict())
     if not needs.needs_critics:
         critics = None
@@ -175,7 +187,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     fc = cfg.finetune
     bonus = auto_success_bonus(fc.success_bonus, cfg.env.reward_mode, fc.gamma, cfg.env.max_episode_steps)
     offline = None
-    if fc.bc_coef > 0 or (fc.replay and fc.offline_ratio > 0):
+    if fc.bc_coef > 0 or ((fc.replay or fc.update == "recap") and fc.offline_ratio > 0):
         offline = load_offline(cfg, start_ckpt, actor, bonus, need_rewards=fc.replay, log=log)
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
@@ -260,7 +272,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                  "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
                  "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "offline_frac": M.OFFLINE_FRACTION,
                  "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN,
-                 "round_kl": M.ROUND_KL}
+                 "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,
+                 "recap_dropped": M.RECAP_DROPPED}
         for it in range(it0 + 1, fc.iterations + 1):
             t0 = time.perf_counter()
             spec = actor_spec(actor, arch, deterministic=False)

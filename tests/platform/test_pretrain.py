@@ -50,6 +50,27 @@ def test_each_algorithm_trains_and_its_loss_decreases(tmp_path, expert_dataset, 
         assert rows[-1]["eval/success_rate"] != ""
 
 
+def test_distributional_mc_critics_train_by_cross_entropy(tmp_path, expert_dataset, ray_cluster):
+    """critic_mc with critic.distributional: V and Q are categoricals over 21 returns; the cross-entropy falls
+    and the saved critics rebuild from the run's config with their means inside the support."""
+    from offrl.algos.critics import build_critics
+    from offrl.config import from_dict
+    from offrl.platform.checkpoint import load_checkpoint
+
+    run = run_pretrain_job(_cfg(tmp_path, expert_dataset, "critic_mc",
+                                "critic.distributional={bins: 21, v_min: 0.0, v_max: 10.0}"), log=lambda *a: None)
+    rows = _rows(run)
+    assert float(rows[-1]["train/v_loss"]) < float(rows[0]["train/v_loss"])
+    ck = run / "checkpoints" / "5"
+    saved = from_dict(json.loads((ck / "config.json").read_text()))
+    critics = build_critics(saved.critic, 42, 4)
+    load_checkpoint(ck, {"critics": critics}, parts=["critics"], restore_rng=False)
+    assert critics.v.net[-1].out_features == 21
+    obs = torch.randn(16, 42)
+    v = critics.v(obs)
+    assert v.shape == (16,) and bool(((v >= 0) & (v <= 10)).all())
+
+
 def test_resume_continues_exactly(tmp_path, expert_dataset, ray_cluster):
     straight = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc+iql", "run.trial=straight",
                                      "pretrain.epochs=4"), log=lambda *a: None)
