@@ -30,6 +30,7 @@ def write_comparison(cmp, out: Path) -> list[Path]:
         f"{stem}.csv": cmp.table.to_csv(index=False).encode(),
         f"{stem}_trials.csv": cmp.trials.to_csv(index=False).encode(),
         f"{stem}_curves.csv": cmp.curves.to_csv(index=False).encode(),
+        **({f"{stem}_pairs.csv": cmp.pairs.to_csv(index=False).encode()} if cmp.pairs is not None else {}),
         f"{stem}_curves.png": png_bytes(learning_curves_figure(cmp)),
         f"{stem}_intervals.png": png_bytes(intervals_figure(cmp)),
     }
@@ -52,7 +53,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     df = load_runs(args.paths)
     cmp = compare(df, metric=args.metric, by=args.by, baseline=args.baseline, task_column=args.task_column,
-                  reps=args.reps, seed=args.seed)
+                  reps=args.reps, seed=args.seed, pairwise=args.pairwise)
     out = Path(args.out) if args.out else Path(args.paths[0]) / "stats"
     written = write_comparison(cmp, out)
     print(cmp.markdown())
@@ -128,6 +129,9 @@ def register(subparsers) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed of the bootstrap; the same seed gives the same "
                                                        "tables and plots (default: 0)")
     c.add_argument("--reps", type=int, default=2000, help="bootstrap resamples per interval (default: 2000)")
+    c.add_argument("--pairwise", action="store_true",
+                   help="also P(a > b) with its bootstrap CI for every ordered pair of groups: a matrix in the "
+                        "markdown and compare_<metric>_pairs.csv")
     c.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (default: <first EXPERIMENT_DIR>/stats/)")
     c.set_defaults(func=cmd_compare)

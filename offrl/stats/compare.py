@@ -44,6 +44,8 @@ class Comparison:
     trials: pd.DataFrame   # one row per trial: group, final step and value, AUC
     curves: pd.DataFrame   # group, step, mean, lo, hi, trials: the learning curves on the common grid
     notes: list[str] = field(default_factory=list)
+    # --pairwise: one row per ordered pair of groups (a, b): P(a > b) with its interval
+    pairs: Optional[pd.DataFrame] = None
 
     @property
     def groups(self) -> list[str]:
@@ -77,6 +79,16 @@ class Comparison:
             cells.append("baseline" if row[GROUP] == self.baseline and self.baseline != START
                          else _fmt_interval(row, "poi"))
             lines.append("| " + " | ".join(cells) + " |")
+        if self.pairs is not None and not self.pairs.empty:
+            labs = self.groups
+            lines += ["", f"P(row > column) = P(X > Y) + 0.5 P(X = Y) over pairs of final values, {pct} bootstrap "
+                          "CIs (trials of both groups resampled independently):", "",
+                      "| row > column | " + " | ".join(l.replace("|", "\\|") for l in labs) + " |",
+                      "|---|" + "---|" * len(labs)]
+            cell = {(r["a"], r["b"]): _fmt_interval(r, "poi") for _, r in self.pairs.iterrows()}
+            for a in labs:
+                lines.append(f"| {a.replace('|', chr(92) + '|')} | " +
+                             " | ".join("-" if a == b else cell[(a, b)] for b in labs) + " |")
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -218,7 +230,7 @@ def learning_curves(steps_values: Sequence[tuple[np.ndarray, np.ndarray]], point
 
 def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequence[str]] = None,
             baseline: Optional[str] = None, task_column: Optional[str] = AUTO, reps: int = 2000, seed: int = 0,
-            level: float = 0.95, points: int = GRID_POINTS) -> Comparison:
+            level: float = 0.95, points: int = GRID_POINTS, pairwise: bool = False) -> Comparison:
     """Compare the groups of trials in a :func:`offrl.stats.load.load_runs` frame on ``metric``.
 
     Groups are the unique combinations of the ``by`` config columns (default: :func:`default_by`).
@@ -228,6 +240,7 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
     bootstrap percentile interval from ``reps`` resamples of the group's trials, stratified by the task
     column, drawn from ``default_rng(seed)`` afresh for every interval: trials are ordered by trial id, so
     ``bootstrap_ci(values, iqm, reps, seed, strata)`` on a group's values recomputes its IQM interval.
+    ``pairwise``: also P(a > b) with its interval for every ordered pair of groups (``Comparison.pairs``).
     """
     require_metric(df, metric)
     if reps < 1:
@@ -309,8 +322,24 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
     curve_rows = [c for c in curve_rows if not c.empty]
     curves = (pd.concat(curve_rows, ignore_index=True) if curve_rows
               else pd.DataFrame(columns=[GROUP, STEP, "mean", "lo", "hi", "trials"]))
+    pairs = None
+    if pairwise:
+        prow = []
+        for a in labels:
+            for b in labels:
+                if a == b:
+                    continue
+                ga, gb = members[a], members[b]
+                r: dict[str, Any] = {"a": a, "b": b, "trials_a": len(ga), "trials_b": len(gb)}
+                _put(r, "poi", probability_of_improvement_ci(
+                    ga["final"].to_numpy(float), gb["final"].to_numpy(float), reps, seed,
+                    [strata_of[t] for t in ga[TRIAL]] if task else None,
+                    [strata_of[t] for t in gb[TRIAL]] if task else None, level))
+                prow.append(r)
+        pairs = pd.DataFrame(prow, columns=["a", "b", "trials_a", "trials_b", "poi", "poi_lo", "poi_hi"])
     return Comparison(metric=metric, by=by, baseline=START if from_start else labels[base_i], task_column=task, reps=reps, seed=seed,
-                      level=level, table=table, trials=trials.reset_index(drop=True), curves=curves, notes=notes)
+                      level=level, table=table, trials=trials.reset_index(drop=True), curves=curves, notes=notes,
+                      pairs=pairs)
 
 
 def _some(names: Sequence[str], k: int = 8) -> str:

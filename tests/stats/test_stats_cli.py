@@ -42,6 +42,13 @@ def test_compare_end_to_end(sweep_dir):
         assert f"| {b} | {d} | 3 | {iqm(finals):.4g} [" in md
     trials = pd.read_csv(out / OUTPUTS[2])
     assert len(trials) == 12 and set(trials.columns) >= {"trial", "group", "final", "auc", "final_step"}
+    assert not (out / "compare_eval_success_rate_pairs.csv").exists()
+    # --pairwise: the P(row > column) matrix in the markdown and one CSV row per ordered pair
+    r = run_cli("stats", "compare", str(sweep_dir), "--by", "a.b", "c.d", "--reps", "300", "--pairwise", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pairs = pd.read_csv(out / "compare_eval_success_rate_pairs.csv")
+    assert len(pairs) == 12 and set(pairs.columns) >= {"a", "b", "poi", "poi_lo", "poi_hi"}
+    assert "P(row > column)" in r.stdout and "wrote 7 files" in r.stdout
 
 
 def test_a_mistake_is_one_line_and_exit_2(tmp_path):
@@ -85,7 +92,8 @@ def test_user_mistakes_exit_2_without_outputs(capsys, sweep_dir, tmp_path, extra
 def test_help_documents_every_option(capsys):
     rc, out, _ = _main(capsys, "stats", "compare", "--help")
     assert rc == 0
-    for opt in ("--metric", "--by", "--baseline", "--task-column", "--seed", "--reps", "--out", "EXPERIMENT_DIR",
+    for opt in ("--metric", "--by", "--baseline", "--task-column", "--seed", "--reps", "--out", "--pairwise",
+                "EXPERIMENT_DIR",
                 "IQM", "P(X > Y)"):
         assert opt in out
     rc, out, _ = _main(capsys, "stats", "--help")

@@ -142,3 +142,20 @@ def test_baseline_start_compares_each_group_with_its_own_first_values(tmp_path):
     assert (tmp_path / "stats" / "compare_eval_success_rate_intervals.png").stat().st_size > 0
     assert "own trials" in md
     assert all("| baseline |" not in ln for ln in md.splitlines()[6:])  # no group is the baseline
+
+
+def test_pairwise_probability_of_improvement_matches_direct_computation(sweep_df):
+    from offrl.stats.aggregate import probability_of_improvement_ci
+
+    cmp = compare(sweep_df, by=["a.b", "c.d"], reps=REPS, seed=2, pairwise=True)
+    labels = cmp.groups
+    assert len(cmp.pairs) == len(labels) * (len(labels) - 1)
+    finals = {f"a.b={b}, c.d={d}": np.array([final_value(b, d, s) for s in SEEDS]) for b, d in FINAL_BASE}
+    for _, r in cmp.pairs.iterrows():
+        want = probability_of_improvement_ci(finals[r["a"]], finals[r["b"]], REPS, 2, ["Toy-v0"] * 3, ["Toy-v0"] * 3)
+        assert (r["poi"], r["poi_lo"], r["poi_hi"]) == pytest.approx(want)
+    p = cmp.pairs.set_index(["a", "b"])["poi"]
+    assert p[("a.b=y, c.d=2", "a.b=x, c.d=1")] == 1.0 and p[("a.b=x, c.d=1", "a.b=y, c.d=2")] == 0.0
+    md = cmp.markdown()
+    assert "P(row > column)" in md and "| a.b=y, c.d=2 | 1 [1, 1] |" in md
+    assert compare(sweep_df, by=["a.b", "c.d"], reps=REPS).pairs is None  # only on request
