@@ -7,7 +7,9 @@ with the same MLP (256x256 ReLU). The trained RLlib module becomes an offrl acto
 scores it with the imitation protocol of ``tune_configs/pretrain_diffusion.yaml``: 100 episodes from seed
 1,000,000,000 on, ``max_episode_steps=100``, terminations ignored, ``success_once`` with 95% Wilson intervals.
 
-Learners: ``bc`` (RLlib BCConfig, lr 1e-3 like offrl's MLP BC), ``cql`` (RLlib CQLConfig with RLlib's
+Learners: ``bc`` (RLlib BCConfig, lr 1e-3 like offrl's MLP BC; RLlib's default policy head, a Gaussian
+with a state-dependent log std), ``bc_free`` (the same with ``free_log_std``: one state-independent log std,
+like offrl's actor), ``cql`` (RLlib CQLConfig with RLlib's
 learning rates and penalty, offrl's gamma 0.8, reward and terminal success bonus; the policy's tanh-squashed
 mean acts), and ``cql_rllib_det``: the same CQL module acting as RLlib's own ``explore=False`` path does (the
 unsquashed mean clipped into the bounds, see ``offrl.data.rllib``). When ``bench/imitation.py`` has run for the
@@ -33,8 +35,10 @@ from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
 
 SCRIPTED = "datasets/PickCube-v1_scripted100.h5"
 CONFIG = "tune_configs/pretrain_diffusion.yaml"  # the imitation benchmark's budget and protocol
-LEARNERS = {"bc": ("bc", "clip"), "cql": ("cql", "tanh"), "cql_rllib_det": ("cql", "clip")}
-NAMES = {"bc": "RLlib BC", "cql": "RLlib CQL (tanh-squashed mean)",
+LEARNERS = {"bc": ("bc", "clip"), "bc_free": ("bc_free", "clip"), "cql": ("cql", "tanh"),
+            "cql_rllib_det": ("cql", "clip")}
+NAMES = {"bc": "RLlib BC", "bc_free": "RLlib BC, free_log_std (a state-independent std)",
+         "cql": "RLlib CQL (tanh-squashed mean)",
          "cql_rllib_det": "RLlib CQL (RLlib's explore=False action: unsquashed mean, clipped)"}
 # offrl rows of bench/imitation.py for the scripted data: (cell run name, label)
 OFFRL_ROWS = {"mlp": "offrl MLP BC (bench/imitation.py)", "mlp_chunk": "offrl MLP + chunking (bench/imitation.py)"}
@@ -88,7 +92,8 @@ def train_seed(args, seed: int, todo: list[str], log) -> None:
         f"passes = {exp.rows} rows, reward {reward} + success bonus {bonus:.3g}")
     check = train.transitions(None)["obs"][:2048].numpy()
     for algo in dict.fromkeys(LEARNERS[k][0] for k in todo):
-        rc = RLlibPeerConfig(algo=algo, steps=args.steps, batch_size=args.batch_size, seed=seed, gamma=pc.gamma)
+        rc = RLlibPeerConfig(algo="bc" if algo == "bc_free" else algo, steps=args.steps, batch_size=args.batch_size,
+                             seed=seed, gamma=pc.gamma, free_log_std=algo == "bc_free")
         t = time.time()
         try:
             module, info = train_rllib(exp, rc, log=log)

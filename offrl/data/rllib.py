@@ -266,6 +266,8 @@ class RLlibPeerConfig:
     num_actions: int = 10                  #: CQL sampled actions per state in the penalty (RLlib's default)
     twin_q: bool = True                    #: CQL twin Q networks (RLlib's default)
     bc_iters: int = 0                      #: CQL behaviour-cloning warm start; only 0 works in ray 2.60
+    free_log_std: bool = False             #: BC: a state-independent log std (RLlib's free_log_std) instead of
+    #: RLlib's default state-dependent one (whose NLL fit leaves the mean under-fitted on these demos)
 
     def check(self) -> None:
         """Raise OffrlError naming the first bad field."""
@@ -289,6 +291,9 @@ class RLlibPeerConfig:
             raise OffrlError(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0.0 < self.tau <= 1.0:
             raise OffrlError(f"tau must be in (0, 1], got {self.tau}")
+        if self.free_log_std and self.algo != "bc":
+            raise OffrlError(f"free_log_std is for bc; RLlib's {self.algo} policy is a squashed Gaussian with a "
+                             "state-dependent log std")
         if self.bc_iters != 0:
             raise OffrlError(f"bc_iters={self.bc_iters}: RLlib 2.60's CQL counts its BC warm start per "
                              "Learner.update call (the counter restarts every training iteration), so a warm "
@@ -349,7 +354,8 @@ def build_rllib_config(exp: RLlibExport, cfg: RLlibPeerConfig) -> Any:
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     obs, act = _spaces(exp)
-    model = DefaultModelConfig(fcnet_hiddens=[int(h) for h in cfg.hidden], fcnet_activation=cfg.activation)
+    model = DefaultModelConfig(fcnet_hiddens=[int(h) for h in cfg.hidden], fcnet_activation=cfg.activation,
+                               free_log_std=bool(cfg.free_log_std))
     offline = dict(input_=[str(exp.data_dir.resolve())], dataset_num_iters_per_learner=cfg.iters_per_update,
                    # one pre-learner actor on half a CPU: ray.data's read tasks need the rest on a small machine
                    map_batches_kwargs={"concurrency": 1, "num_cpus": 0.5})
@@ -488,9 +494,11 @@ def to_gaussian_actor(module: Any, action_low: Sequence[float], action_high: Seq
         raise OffrlError(f"cannot convert {type(module).__name__}: expected Linear-act-...-Linear with one "
                          f"activation, got {[type(m).__name__ for m in layers]}")
     obs_dim, act_dim = linears[0].in_features, int(np.prod(module.action_space.shape))
-    if linears[-1].out_features != 2 * act_dim:
+    free = getattr(_policy_parts(module)[1], "log_std", None)  # free_log_std: a parameter of the pi head
+    if linears[-1].out_features != (act_dim if free is not None else 2 * act_dim):
         raise OffrlError(f"cannot convert {type(module).__name__}: its pi head outputs {linears[-1].out_features} "
-                         f"values, expected mean and log std ({2 * act_dim}; free_log_std is not supported)")
+                         f"values, expected the mean and log std ({2 * act_dim}) or, with free_log_std, the "
+                         f"mean ({act_dim})")
     arch = dict(obs_dim=int(obs_dim), act_dim=act_dim, hidden=[int(m.out_features) for m in linears[:-1]],
                 activation=kinds.pop(), log_std_init=0.0, squash=squash,
                 action_low=[float(x) for x in action_low], action_high=[float(x) for x in action_high],
@@ -504,7 +512,10 @@ def to_gaussian_actor(module: Any, action_low: Sequence[float], action_high: Seq
         head = linears[-1]
         targets[-1].weight.copy_(head.weight[:act_dim])
         targets[-1].bias.copy_(head.bias[:act_dim])
-        actor.log_std.copy_(head.bias[act_dim:].clamp(-20.0, 2.0))  # RLlib's log-std clip range
+        # the log std: the free parameter, or the state-dependent head's bias (its weights are dropped: the
+        # converted actor's std is state-independent; deterministic actions, what is evaluated, are exact)
+        ls = free.detach() if free is not None else head.bias[act_dim:]
+        actor.log_std.copy_(ls.clamp(-20.0, 2.0))  # RLlib's log-std clip range
     actor.eval()
     return actor, arch
 

@@ -159,6 +159,24 @@ def test_bc_trains_and_converts(small_ds, tmp_path, ray_cluster):
     np.testing.assert_allclose(acts, rllib_actions(module, obs, exp.action_low, exp.action_high), atol=1e-6)
 
 
+def test_a_free_log_std_bc_module_converts(small_ds, tmp_path):
+    """free_log_std (a state-independent log std, a parameter of RLlib's pi head): the converted actor's mean
+    acts exactly like RLlib, and its log std is that parameter; CQL refuses the option."""
+    exp = export_dataset(small_ds, tmp_path / "exp", reward=None)
+    torch.manual_seed(0)
+    module = build_rllib_config(exp, RLlibPeerConfig(algo="bc", steps=10, hidden=(32, 16),
+                                                     free_log_std=True)).get_rl_module_spec().build()
+    head = module._pi_head  # noqa: SLF001
+    with torch.no_grad():
+        head.log_std.copy_(torch.tensor([-1.5, -0.5]))
+    obs = np.random.default_rng(0).normal(0, 2, (200, OBS)).astype(np.float32)
+    actor, arch = to_gaussian_actor(module, exp.action_low, exp.action_high)
+    assert arch["squash"] == "clip" and conversion_error(module, actor, obs) < 1e-6
+    assert torch.allclose(actor.log_std, torch.tensor([-1.5, -0.5]))
+    with pytest.raises(OffrlError, match="free_log_std is for bc"):
+        RLlibPeerConfig(algo="cql", steps=10, free_log_std=True).check()
+
+
 @pytest.mark.slow  # ~10 s on a quiet machine: RLlib's CQL offline path (lr=None, placeholder env, 10 updates/iter)
 def test_cql_trains_on_rewards_and_converts(small_ds, tmp_path, ray_cluster):
     exp = export_dataset(small_ds, tmp_path / "exp", reward="rewards", success_bonus=1.0, repeats=4, batch_size=32)
