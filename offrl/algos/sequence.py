@@ -186,6 +186,14 @@ class DiffusionPolicy(SequencePolicyNet):
     Training (Ho et al. 2020, "simple" loss):  k ~ U{0..K-1}, eps ~ N(0, I),
     x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps,  L = || eps - eps_theta(x_k, k, obs) ||^2.
     Sampling: x_K ~ N(0, I), then ``inference_steps`` scheduler steps down to x_0 in [-1, 1].
+
+    ``indicator=True`` (RECAP): an embedding of the advantage indicator (none / positive / negative, the
+    values of :mod:`offrl.algos.networks`) is added to the observation conditioning; it starts at zero, so an
+    upgraded policy samples exactly as before. :meth:`loss` takes the indicators of the batch; sampling uses
+    the positive condition with classifier-free guidance of weight ``guidance`` = w on the noise prediction
+    (Ho & Salimans 2022): eps = eps_none + (1 + w) (eps_pos - eps_none), w = 0 being plain positive
+    conditioning. No command trains a diffusion policy with indicators yet (online finetuning takes the
+    Gaussian MLP only); :func:`with_indicator_diffusion` upgrades a trained one.
     """
 
     kind = "diffusion"
@@ -195,7 +203,7 @@ class DiffusionPolicy(SequencePolicyNet):
                  kernel_size: int = 5, groups: int = 8, train_steps: int = 100, inference_steps: int = 10,
                  scheduler: str = "ddim", beta_schedule: str = "squaredcos_cap_v2",
                  prediction_type: str = "epsilon", action_low: Optional[Sequence[float]] = None,
-                 action_high: Optional[Sequence[float]] = None):
+                 action_high: Optional[Sequence[float]] = None, indicator: bool = False, guidance: float = 0.0):
         super().__init__(obs_dim, act_dim, obs_horizon, pred_horizon, action_horizon, action_low, action_high)
         from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -209,12 +217,44 @@ class DiffusionPolicy(SequencePolicyNet):
         self.sample_scheduler = (DDIMScheduler if scheduler == "ddim" else DDPMScheduler)(**kw)
         self.train_steps, self.inference_steps = int(train_steps), int(inference_steps)
         self.prediction_type = prediction_type
+        self.guidance = float(guidance)
+        self.indicator = None
+        if indicator:
+            self.indicator = nn.Embedding(3, obs_horizon * obs_dim)
+            nn.init.zeros_(self.indicator.weight)
+
+    def _with(self, cond: torch.Tensor, ind: "int | torch.Tensor") -> torch.Tensor:
+        """The observation conditioning plus the indicator's embedding (an int, or ``[B]`` values)."""
+        if not torch.is_tensor(ind):
+            ind = torch.full(cond.shape[:1], int(ind), dtype=torch.long)
+        return cond + self.indicator(ind)
+
+    def guided_noise(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The noise prediction sampling follows: plain, or for an indicator policy the positive one guided
+        away from the unconditioned one, eps_none + (1 + w) (eps_pos - eps_none)."""
+        if self.indicator is None:
+            return self.unet(x, k, cond)
+        from offrl.algos.networks import INDICATOR_NONE, INDICATOR_POSITIVE
+
+        eps = self.unet(x, k, self._with(cond, INDICATOR_POSITIVE))
+        if self.guidance > 0:
+            eps_none = self.unet(x, k, self._with(cond, INDICATOR_NONE))
+            eps = eps_none + (1.0 + self.guidance) * (eps - eps_none)
+        return eps
 
     def loss(self, obs_seq: torch.Tensor, act_seq: torch.Tensor,
-             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
-        """The DDPM noise-prediction loss on a batch (noise and steps drawn from ``generator``)."""
+             generator: Optional[torch.Generator] = None,
+             indicator: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """The DDPM noise-prediction loss on a batch (noise and steps drawn from ``generator``); an indicator
+        policy conditions each row on ``indicator`` ``[B]`` (None: the none condition)."""
         self._check_act(act_seq)
         cond = self._cond(obs_seq)
+        if self.indicator is not None:
+            from offrl.algos.networks import INDICATOR_NONE
+
+            cond = self._with(cond, INDICATOR_NONE if indicator is None else indicator)
+        elif indicator is not None:
+            raise ValueError("this diffusion policy takes no indicator (built without indicator=True)")
         x0 = self.normalizer.act(act_seq)
         B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -234,9 +274,21 @@ class DiffusionPolicy(SequencePolicyNet):
         sched = self.sample_scheduler
         sched.set_timesteps(self.inference_steps)
         for k in sched.timesteps:
-            eps = self.unet(x, k.expand(B), cond)
+            eps = self.guided_noise(x, k.expand(B), cond)
             x = sched.step(eps, k, x, generator=generator).prev_sample
         return self.to_env(x.clamp(-1.0, 1.0))
+
+
+def with_indicator_diffusion(net: DiffusionPolicy, arch: Mapping[str, Any],
+                             guidance: float) -> tuple[DiffusionPolicy, dict]:
+    """``(policy, arch)``: ``net`` plus a zero indicator embedding, sampling with guidance weight ``guidance``;
+    at step 0 it samples exactly as ``net`` does (same generator, same actions)."""
+    new_arch = {**arch, "indicator": True, "guidance": float(guidance)}
+    new = build_sequence_net(new_arch)
+    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("indicator.") for k in missing):
+        raise ValueError(f"cannot upgrade the policy: missing {missing}, unexpected {unexpected}")
+    return new, new_arch
 
 
 def build_sequence_net(arch: Mapping[str, Any]) -> SequencePolicyNet:

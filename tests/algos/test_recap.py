@@ -174,3 +174,41 @@ def test_guidance_without_dropout_and_distributional_bootstrapped_critics_are_re
     with pytest.raises(ConfigError, match="critic.distributional"):
         load_config(None, ["pretrain.algo=bc+iql", "critic.distributional.bins=11"])
     assert load_config(None, ["pretrain.algo=bc+critic_mc", "critic.distributional.bins=11"]).critic.distributional.bins == 11
+
+
+def _dp(**kw):
+    from offrl.algos.sequence import DiffusionPolicy
+
+    return DiffusionPolicy(obs_dim=3, act_dim=2, obs_horizon=2, pred_horizon=8, action_horizon=4, widths=(16, 32),
+                           step_embed_dim=8, kernel_size=3, groups=4, **kw)
+
+
+def test_diffusion_guidance_is_cfg_on_the_noise_and_an_upgrade_samples_identically():
+    from offrl.algos.sequence import with_indicator_diffusion
+
+    torch.manual_seed(0)
+    net = _dp()
+    net.normalizer.fit(torch.randn(50, 2, 3), torch.rand(50, 8, 2) * 2 - 1)
+    arch = {"kind": "diffusion", "obs_dim": 3, "act_dim": 2, "obs_horizon": 2, "pred_horizon": 8,
+            "action_horizon": 4, "widths": [16, 32], "step_embed_dim": 8, "kernel_size": 3, "groups": 4}
+    up, up_arch = with_indicator_diffusion(net, arch, guidance=2.0)
+    assert up_arch["indicator"] is True and up_arch["guidance"] == 2.0
+    obs = torch.randn(4, 2, 3)
+    torch.testing.assert_close(up.predict(obs, torch.Generator().manual_seed(1)),
+                               net.predict(obs, torch.Generator().manual_seed(1)), rtol=0, atol=0)
+    # once the conditions differ: the sampled noise is eps_none + (1 + w) (eps_pos - eps_none)
+    with torch.no_grad():
+        up.indicator.weight.normal_()
+    x, k, cond = torch.randn(4, 8, 2), torch.tensor(5), up._cond(obs)
+    e_none = up.unet(x, k, up._with(cond, INDICATOR_NONE))
+    e_pos = up.unet(x, k, up._with(cond, INDICATOR_POSITIVE))
+    torch.testing.assert_close(up.guided_noise(x, k, cond), e_none + 3.0 * (e_pos - e_none))
+    up.guidance = 0.0
+    torch.testing.assert_close(up.guided_noise(x, k, cond), e_pos)
+    # training conditions each row on its indicator; a policy without one refuses indicators
+    loss, _ = up.loss(obs, torch.rand(4, 8, 2) * 2 - 1, torch.Generator().manual_seed(0),
+                      torch.tensor([INDICATOR_POSITIVE, INDICATOR_NEGATIVE, INDICATOR_NONE, INDICATOR_POSITIVE]))
+    loss.backward()
+    assert float(up.indicator.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="no indicator"):
+        net.loss(obs, torch.rand(4, 8, 2), None, torch.zeros(4, dtype=torch.long))
