@@ -39,7 +39,8 @@ LEARNERS = {
     "cql": ("offrl CQL (alpha 1)", ["pretrain.algo=cql", *_CONSERVATIVE]),
     "brac": ("offrl BRAC-v (beta 1, KL)", ["pretrain.algo=brac", *_CONSERVATIVE]),
 }
-RLLIB = {"bc": "RLlib BC", "cql": "RLlib CQL (tanh-squashed mean)",
+RLLIB = {"bc": "RLlib BC", "bc_free": "RLlib BC, free_log_std (a state-independent std)",
+         "cql": "RLlib CQL (tanh-squashed mean)",
          "cql_rllib_det": "RLlib CQL (RLlib's explore=False action)"}
 
 
