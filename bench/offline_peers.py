@@ -40,7 +40,7 @@ LEARNERS = {
     "brac": ("offrl BRAC-v (beta 1, KL)", ["pretrain.algo=brac", *_CONSERVATIVE]),
 }
 RLLIB = {"bc": "RLlib BC", "bc_free": "RLlib BC, free_log_std (a state-independent std)",
-         "cql": "RLlib CQL (tanh-squashed mean)",
+         "cql": "RLlib CQL (tanh-squashed mean)", "cql_a1": "RLlib CQL, min_q_weight 1 (tanh-squashed mean)",
          "cql_rllib_det": "RLlib CQL (RLlib's explore=False action)"}
 
 

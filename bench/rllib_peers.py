@@ -9,7 +9,7 @@ scores it with the imitation protocol of ``tune_configs/pretrain_diffusion.yaml`
 
 Learners: ``bc`` (RLlib BCConfig, lr 1e-3 like offrl's MLP BC; RLlib's default policy head, a Gaussian
 with a state-dependent log std), ``bc_free`` (the same with ``free_log_std``: one state-independent log std,
-like offrl's actor), ``cql`` (RLlib CQLConfig with RLlib's
+like offrl's actor), ``cql_a1`` (CQL with offrl's penalty weight, min_q_weight 1), ``cql`` (RLlib CQLConfig with RLlib's
 learning rates and penalty, offrl's gamma 0.8, reward and terminal success bonus; the policy's tanh-squashed
 mean acts), and ``cql_rllib_det``: the same CQL module acting as RLlib's own ``explore=False`` path does (the
 unsquashed mean clipped into the bounds, see ``offrl.data.rllib``). When ``bench/imitation.py`` has run for the
@@ -36,9 +36,9 @@ from offrl.platform.evaluate import wilson_interval as wilson  # noqa: E402
 SCRIPTED = "datasets/PickCube-v1_scripted100.h5"
 CONFIG = "tune_configs/pretrain_diffusion.yaml"  # the imitation benchmark's budget and protocol
 LEARNERS = {"bc": ("bc", "clip"), "bc_free": ("bc_free", "clip"), "cql": ("cql", "tanh"),
-            "cql_rllib_det": ("cql", "clip")}
+            "cql_rllib_det": ("cql", "clip"), "cql_a1": ("cql_a1", "tanh")}
 NAMES = {"bc": "RLlib BC", "bc_free": "RLlib BC, free_log_std (a state-independent std)",
-         "cql": "RLlib CQL (tanh-squashed mean)",
+         "cql": "RLlib CQL (tanh-squashed mean)", "cql_a1": "RLlib CQL, min_q_weight 1 (tanh-squashed mean)",
          "cql_rllib_det": "RLlib CQL (RLlib's explore=False action: unsquashed mean, clipped)"}
 # offrl rows of bench/imitation.py for the scripted data: (cell run name, label)
 OFFRL_ROWS = {"mlp": "offrl MLP BC (bench/imitation.py)", "mlp_chunk": "offrl MLP + chunking (bench/imitation.py)"}
@@ -92,8 +92,9 @@ def train_seed(args, seed: int, todo: list[str], log) -> None:
         f"passes = {exp.rows} rows, reward {reward} + success bonus {bonus:.3g}")
     check = train.transitions(None)["obs"][:2048].numpy()
     for algo in dict.fromkeys(LEARNERS[k][0] for k in todo):
-        rc = RLlibPeerConfig(algo="bc" if algo == "bc_free" else algo, steps=args.steps, batch_size=args.batch_size,
-                             seed=seed, gamma=pc.gamma, free_log_std=algo == "bc_free")
+        rc = RLlibPeerConfig(algo={"bc_free": "bc", "cql_a1": "cql"}.get(algo, algo), steps=args.steps,
+                             batch_size=args.batch_size, seed=seed, gamma=pc.gamma, free_log_std=algo == "bc_free",
+                             min_q_weight=1.0 if algo == "cql_a1" else RLlibPeerConfig.min_q_weight)
         t = time.time()
         try:
             module, info = train_rllib(exp, rc, log=log)
