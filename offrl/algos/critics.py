@@ -138,7 +138,24 @@ def categorical_value_loss(logits: torch.Tensor, returns: torch.Tensor, support:
     return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
 
 
-class VNet(nn.Module):
+class _ValueOutputs:
+    """A scalar output, or the logits of a categorical over a support whose mean is the value."""
+
+    def _init_outputs(self, distributional: Distributional) -> int:
+        """Set ``distributional`` (and the ``support`` buffer); returns the output width."""
+        self.distributional = tuple(distributional) if distributional else None
+        if not self.distributional:
+            return 1
+        self.register_buffer("support", value_support(*self.distributional), persistent=False)
+        return int(self.distributional[0])
+
+    def _value(self, out: torch.Tensor) -> torch.Tensor:
+        if self.distributional:
+            return (torch.softmax(out, -1) * self.support).sum(-1)
+        return out.squeeze(-1)
+
+
+class VNet(_ValueOutputs, nn.Module):
     """State value V(s): a :class:`CriticMLP` on normalized observations, output ``[B]``.
 
     ``distributional=(bins, v_min, v_max)``: the network outputs the logits of a categorical over ``bins``
@@ -150,16 +167,7 @@ class VNet(nn.Module):
                  distributional: Distributional = None, **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.distributional = tuple(distributional) if distributional else None
-        out = int(self.distributional[0]) if self.distributional else 1
-        self.net = CriticMLP(obs_dim, out, hidden, activation, **corrections)
-        if self.distributional:
-            self.register_buffer("support", value_support(*self.distributional), persistent=False)
-
-    def _value(self, out: torch.Tensor) -> torch.Tensor:
-        if self.distributional:
-            return (torch.softmax(out, -1) * self.support).sum(-1)
-        return out.squeeze(-1)
+        self.net = CriticMLP(obs_dim, self._init_outputs(distributional), hidden, activation, **corrections)
 
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
         """The categorical's logits ``[B, bins]`` (distributional V only)."""
@@ -174,24 +182,16 @@ class VNet(nn.Module):
         return self._value(out), feat, kl
 
 
-class QNet(nn.Module):
+class QNet(_ValueOutputs, nn.Module):
     """Action value Q(s, a), optionally twin (two heads; ``forward`` returns both ``[2, B]`` or ``[1, B]``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
                  twin: bool = True, distributional: Distributional = None, **corrections):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.distributional = tuple(distributional) if distributional else None
-        out = int(self.distributional[0]) if self.distributional else 1
+        out = self._init_outputs(distributional)
         self.heads = nn.ModuleList([CriticMLP(obs_dim + act_dim, out, hidden, activation, **corrections)
                                     for _ in range(2 if twin else 1)])
-        if self.distributional:
-            self.register_buffer("support", value_support(*self.distributional), persistent=False)
-
-    def _value(self, out: torch.Tensor) -> torch.Tensor:
-        if self.distributional:
-            return (torch.softmax(out, -1) * self.support).sum(-1)
-        return out.squeeze(-1)
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Every head's categorical logits ``[H, B, bins]`` (distributional Q only)."""
