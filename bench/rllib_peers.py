@@ -112,6 +112,31 @@ def train_seed(args, seed: int, todo: list[str], log) -> None:
             run_eval_job(str(ckpt), episodes=args.episodes, out=str(run / "eval.json"), log=log)
 
 
+def heldout_mse(run: Path, dataset: str, seed: int, val_fraction: float = 0.1) -> "float | None":
+    """Mean squared error of the final Gaussian policy's deterministic action against the demonstrated one,
+    on the held-out episodes of the seed's split (the episodes no learner trained on); None for a policy
+    that is not a Gaussian MLP or a run without checkpoints."""
+    import torch
+
+    from offrl.algos.networks import build_actor
+    from offrl.data.dataset import OfflineDataset
+    from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint
+
+    ck = latest_checkpoint(run / "checkpoints")
+    if ck is None:
+        return None
+    arch = json.loads((ck / "training_state" / "state.json").read_text()).get("actor_arch") or {}
+    if arch.get("kind", "mlp") != "mlp":
+        return None
+    actor = build_actor(arch)
+    load_checkpoint(ck, {"actor": actor}, parts=["actor"], restore_rng=False)
+    actor.eval()
+    val = OfflineDataset.load(dataset).split(val_fraction, seed=seed)[1].transitions(None)
+    with torch.no_grad():
+        a, _ = actor.act(val["obs"].float(), deterministic=True)
+    return float((a - val["action"].float()).pow(2).mean())
+
+
 def read_run(run: Path) -> dict:
     """success_once / success_at_end counts of a finished run, its gradient steps and training seconds."""
     from offrl.config import load_config
@@ -186,22 +211,34 @@ def main() -> int:
                    if (runs / f"{k}_seed{s}" / "eval.json").exists()] for k in args.learners}
     lines = [f"success_once on {Path(args.dataset).name}, {args.episodes} evaluation episodes per run (offrl eval, "
              f"the {CONFIG} protocol), {args.steps} gradient steps x batch {args.batch_size}; seeds {args.seeds}; "
-             "mean over seeds [95% Wilson interval of the pooled episodes] (per-seed values)", "",
-             "| learner | success_once | success_at_end | gradient steps | training s |", "|---|---:|---:|---:|---:|"]
+             "mean over seeds [95% Wilson interval of the pooled episodes] (per-seed values); held-out action MSE: "
+             "the deterministic action against the demonstrated one on each seed's held-out episodes, mean over "
+             "seeds", "",
+             "| learner | success_once | success_at_end | held-out action MSE | gradient steps | training s |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def mse(runs_: list[Path]) -> str:
+        vals = [heldout_mse(r, args.dataset, s) if not args.num_episodes else None for r, s in runs_]
+        vals = [v for v in vals if v is not None]
+        return f"{sum(vals) / len(vals):.4f}" if vals else "-"
+
     for k in args.learners:
         rs = results[k]
         if not rs:
-            lines.append(f"| {NAMES[k]} | - | - | - | - |")
+            lines.append(f"| {NAMES[k]} | - | - | - | - | - |")
             continue
         secs = [r["seconds"] for r in rs if r["seconds"] is not None]
         t = f"{sum(secs) / len(secs):.0f}" if secs else "-"
-        lines.append(f"| {NAMES[k]} | {pooled(rs)} | {pooled(rs, 'end')} | {rs[0]['steps'] or '-'} | {t} |")
+        m = mse([(runs / f"{k}_seed{s}", s) for s in args.seeds if (runs / f"{k}_seed{s}" / "eval.json").exists()])
+        lines.append(f"| {NAMES[k]} | {pooled(rs)} | {pooled(rs, 'end')} | {m} | {rs[0]['steps'] or '-'} | {t} |")
     if Path(args.dataset).resolve() == Path(SCRIPTED).resolve() and not args.num_episodes:
         for p, label in OFFRL_ROWS.items():
-            rs = [read_run(Path(args.offrl_root) / "runs" / f"scripted100_{p}_seed{s}") for s in args.seeds
-                  if (Path(args.offrl_root) / "runs" / f"scripted100_{p}_seed{s}" / "eval.json").exists()]
+            found = [(Path(args.offrl_root) / "runs" / f"scripted100_{p}_seed{s}", s) for s in args.seeds
+                     if (Path(args.offrl_root) / "runs" / f"scripted100_{p}_seed{s}" / "eval.json").exists()]
+            rs = [read_run(r) for r, _ in found]
             if rs:
-                lines.append(f"| {label} | {pooled(rs)} | {pooled(rs, 'end')} | {rs[0]['steps'] or '-'} | - |")
+                lines.append(f"| {label} | {pooled(rs)} | {pooled(rs, 'end')} | {mse(found)} | "
+                             f"{rs[0]['steps'] or '-'} | - |")
     text = "\n".join(lines)
     print(text)
     (out / "rllib_peers.md").write_text(text + "\n")
