@@ -42,9 +42,8 @@ from torch import nn
 
 from offrl.algos.advantages import critic_advantage, gae
 from offrl.algos.critics import Critics, VNet, categorical_value_loss, iql_q_loss, iql_value_loss
-from offrl.algos.networks import GaussianActor
+from offrl.algos.networks import INDICATOR_NONE, INDICATOR_POSITIVE, GaussianActor
 from offrl.algos.optim import guarded_step
-from offrl.algos.networks import INDICATOR_NONE, INDICATOR_POSITIVE
 from offrl.algos.policy_losses import (awr_loss, drop_indicator, normalize, ppo_loss, push_away_awr_loss,
                                        recap_indicator, recap_loss, value_loss)
 from offrl.algos.replay import ReplayBuffer, mixed_batch
@@ -213,6 +212,16 @@ class FinetuneLearner(RoundLearner):
     def _actor_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The update rule's loss on a minibatch (plus the BC term when ``bc_coef > 0``)."""
         cfg = self.cfg
+        loss, pm = self._rule_loss(b, adv)
+        if cfg.bc_coef > 0:
+            bc = self.bc_loss(b["obs"].shape[0])
+            loss = loss + cfg.bc_coef * bc
+            pm["bc_loss"] = float(bc.detach())
+        return loss, pm
+
+    def _rule_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of ``finetune.update`` alone on a minibatch."""
+        cfg = self.cfg
         obs, act = b["obs"], b["actions"]
         if cfg.update == "recap":
             o, a, ind = self._recap_rows(b)
@@ -220,10 +229,6 @@ class FinetuneLearner(RoundLearner):
             loss, pm = recap_loss(self.actor.log_prob(o, a, cond))
             pm.update(recap_pos=float((ind == INDICATOR_POSITIVE).float().mean()),
                       recap_dropped=float((cond == INDICATOR_NONE).float().mean()), recap_thr=self.recap_thr)
-            if cfg.bc_coef > 0:
-                bc = self.bc_loss(obs.shape[0])
-                loss = loss + cfg.bc_coef * bc
-                pm["bc_loss"] = float(bc.detach())
             return loss, pm
         # log-probs on the raw (unclipped) sample: the behaviour log-prob was computed on it
         logp = self.actor.log_prob(obs, b.get("raw_actions", act))
@@ -242,10 +247,6 @@ class FinetuneLearner(RoundLearner):
             with torch.no_grad():
                 lr = logp - b["logprob"]
                 pm["approx_kl"] = float(((lr.exp() - 1) - lr).mean())
-        if cfg.bc_coef > 0:
-            bc = self.bc_loss(obs.shape[0])
-            loss = loss + cfg.bc_coef * bc
-            pm["bc_loss"] = float(bc.detach())
         return loss, pm
 
     def _critic_step(self, b: Mapping[str, torch.Tensor]) -> float:

@@ -188,11 +188,15 @@ def with_indicator(actor: GaussianActor, arch: dict, guidance: float) -> tuple[G
     indicator embedding (an actor that already has one keeps it), acting with guidance weight ``guidance``.
     At step 0 it acts exactly as ``actor`` does, whatever the guidance."""
     new_arch = {**arch, "indicator": True, "guidance": float(guidance)}
-    new = GaussianActor(**{k: v for k, v in new_arch.items() if k != "kind"})
-    missing, unexpected = new.load_state_dict(actor.state_dict(), strict=False)
+    return load_all_but_indicator(GaussianActor(**{k: v for k, v in new_arch.items() if k != "kind"}), actor), new_arch
+
+
+def load_all_but_indicator(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Copy ``old``'s weights into ``new``, whose only extra part may be a (zero) ``indicator`` embedding."""
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
     if unexpected or any(not k.startswith("indicator.") for k in missing):
-        raise ValueError(f"cannot upgrade the actor: missing {missing}, unexpected {unexpected}")
-    return new, new_arch
+        raise ValueError(f"cannot upgrade the policy: missing {missing}, unexpected {unexpected}")
+    return new
 
 
 def build_actor(arch: dict) -> nn.Module:

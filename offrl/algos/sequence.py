@@ -283,12 +283,10 @@ def with_indicator_diffusion(net: DiffusionPolicy, arch: Mapping[str, Any],
                              guidance: float) -> tuple[DiffusionPolicy, dict]:
     """``(policy, arch)``: ``net`` plus a zero indicator embedding, sampling with guidance weight ``guidance``;
     at step 0 it samples exactly as ``net`` does (same generator, same actions)."""
+    from offrl.algos.networks import load_all_but_indicator
+
     new_arch = {**arch, "indicator": True, "guidance": float(guidance)}
-    new = build_sequence_net(new_arch)
-    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("indicator.") for k in missing):
-        raise ValueError(f"cannot upgrade the policy: missing {missing}, unexpected {unexpected}")
-    return new, new_arch
+    return load_all_but_indicator(build_sequence_net(new_arch), net), new_arch
 
 
 def build_sequence_net(arch: Mapping[str, Any]) -> SequencePolicyNet:

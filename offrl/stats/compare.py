@@ -72,7 +72,7 @@ class Comparison:
             "AUC", "P(> start)" if self.baseline == START else "P(> baseline)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h == "trials" else "---" for h in head) + "|"]
         for _, row in self.table.iterrows():
-            cells = [format_value(row[c]).replace("|", "\\|") for c in self.by] if self.by else [row[GROUP]]
+            cells = [_cell(format_value(row[c])) for c in self.by] if self.by else [row[GROUP]]
             cells.append(str(row["trials"]))
             cells += [_fmt_interval(row, key) for key, _, _ in FINAL_STATS]
             cells.append(_fmt_interval(row, "auc"))
@@ -83,15 +83,19 @@ class Comparison:
             labs = self.groups
             lines += ["", f"P(row > column) = P(X > Y) + 0.5 P(X = Y) over pairs of final values, {pct} bootstrap "
                           "CIs (trials of both groups resampled independently):", "",
-                      "| row > column | " + " | ".join(l.replace("|", "\\|") for l in labs) + " |",
+                      "| row > column | " + " | ".join(_cell(lab) for lab in labs) + " |",
                       "|---|" + "---|" * len(labs)]
             cell = {(r["a"], r["b"]): _fmt_interval(r, "poi") for _, r in self.pairs.iterrows()}
             for a in labs:
-                lines.append(f"| {a.replace('|', chr(92) + '|')} | " +
-                             " | ".join("-" if a == b else cell[(a, b)] for b in labs) + " |")
+                lines.append(f"| {_cell(a)} | " + " | ".join("-" if a == b else cell[(a, b)] for b in labs) + " |")
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (a "|" would end the cell)."""
+    return text.replace("|", "\\|")
 
 
 def _fmt(v: float) -> str:
@@ -290,11 +294,12 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
 
     members = {lab: trials[trials[GROUP] == lab].sort_values(TRIAL) for lab in labels}
     base = members[labels[base_i]]
-    base_strata = [strata_of[t] for t in base[TRIAL]] if task else None
+    group_strata = {lab: [strata_of[t] for t in g[TRIAL]] if task else None for lab, g in members.items()}
+    base_strata = group_strata[labels[base_i]]
     rows, curve_rows = [], []
     for lab in labels:
         g = members[lab]
-        strata = [strata_of[t] for t in g[TRIAL]] if task else None
+        strata = group_strata[lab]
         row: dict[str, Any] = {GROUP: lab, "trials": len(g), "tasks": len(set(strata)) if task else 1}
         vals = g["final"].to_numpy(float)
         for key, _, fn in FINAL_STATS:
@@ -331,10 +336,8 @@ def compare(df: pd.DataFrame, metric: str = DEFAULT_METRIC, by: Optional[Sequenc
                     continue
                 ga, gb = members[a], members[b]
                 r: dict[str, Any] = {"a": a, "b": b, "trials_a": len(ga), "trials_b": len(gb)}
-                _put(r, "poi", probability_of_improvement_ci(
-                    ga["final"].to_numpy(float), gb["final"].to_numpy(float), reps, seed,
-                    [strata_of[t] for t in ga[TRIAL]] if task else None,
-                    [strata_of[t] for t in gb[TRIAL]] if task else None, level))
+                _put(r, "poi", probability_of_improvement_ci(ga["final"].to_numpy(float), gb["final"].to_numpy(float),
+                                                              reps, seed, group_strata[a], group_strata[b], level))
                 prow.append(r)
         pairs = pd.DataFrame(prow, columns=["a", "b", "trials_a", "trials_b", "poi", "poi_lo", "poi_hi"])
     return Comparison(metric=metric, by=by, baseline=START if from_start else labels[base_i], task_column=task, reps=reps, seed=seed,
