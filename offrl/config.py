@@ -524,7 +524,8 @@ class FinetuneConfig(_Checked):
     critic_lr: float = _f(3e-4, "Adam learning rate of the value net (GAE) or the IQL/SARSA critics.")
     grad_clip: float = _f(0.5, "Max gradient norm.")
     clip: float = _f(0.2, "PPO ratio clip.")
-    target_kl: Optional[float] = _f(0.1, "PPO: stop the round's epochs once approx_kl exceeds this (null: never).")
+    target_kl: Optional[float] = _f(0.1, "On-policy PPO, AWR and push-away: stop the round's epochs once approx_kl "
+                                              "(to the round's behaviour policy) exceeds this (null: never).")
     ent_coef: float = _f(0.0, "PPO entropy bonus coefficient.")
     vf_coef: float = _f(0.5, "PPO value loss coefficient (GAE value net).")
     beta: float = _f(1.0, "AWR temperature: weights exp(A / beta).")

@@ -179,7 +179,9 @@ class FinetuneLearner(RoundLearner):
                 m = self._minibatch({k: v[idx] for k, v in batch.items()}, adv_all[idx], train_actor)
                 for k, v in m.items():
                     hist.setdefault(k, []).append(v)
-                if cfg.update == "ppo" and cfg.target_kl is not None and m.get("approx_kl", 0.0) > cfg.target_kl:
+                # the trust region of every rule with a behaviour log-prob (PPO, AWR, push-away): a round whose
+                # few, noisy advantages would refit the policy far from the data stops early instead
+                if cfg.target_kl is not None and m.get("approx_kl", 0.0) > cfg.target_kl:
                     stop = True
                     break
             epochs_done += 1

@@ -212,3 +212,33 @@ def test_diffusion_guidance_is_cfg_on_the_noise_and_an_upgrade_samples_identical
     assert float(up.indicator.weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="no indicator"):
         net.loss(obs, torch.rand(4, 8, 2), None, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("update", ["awr", "push_away", "ppo"])
+def test_the_kl_trust_region_stops_every_on_policy_rule(update):
+    """A round whose advantages single out a few samples (most exactly zero, as sparse MC re-rollouts give)
+    refits the policy far from its data; ``target_kl`` ends the round's epochs early for every rule with a
+    behaviour log-prob, and ``null`` runs them all."""
+    def run(target_kl):
+        torch.manual_seed(0)
+        actor = GaussianActor(2, 1, (32,))
+        cfg = FinetuneConfig(update=update, advantage="gae", actor_lr=3e-3, epochs=8, minibatches=4,
+                             target_kl=target_kl)
+        learner = FinetuneLearner(actor, cfg, value=VNet(2, [16]), seed=0)
+        g = torch.Generator().manual_seed(1)
+        B = 80
+        obs = torch.randn(B, 2, generator=g)
+        with torch.no_grad():
+            act = actor.dist(obs).sample()
+            logp = actor.log_prob(obs, act)
+        adv = torch.zeros(B)
+        adv[:6] = 0.3  # six lucky re-rollouts, the rest zero
+        batch = {"obs": obs, "actions": act, "raw_actions": act, "logprob": logp, "adv": adv,
+                 "returns": torch.zeros(B), "rewards": torch.zeros(B), "next_obs": torch.zeros(B, 2),
+                 "terminated": torch.zeros(B, dtype=torch.bool)}
+        return learner.update(batch)
+
+    free, guarded = run(None), run(0.01)
+    assert free["epochs"] == 8
+    assert guarded["epochs"] < 8
+    assert guarded["approx_kl"] < free["approx_kl"]
