@@ -190,7 +190,7 @@ def plot(results: dict, args, path: Path) -> None:
             hi.append(b - k / n)
         ax.bar(xs, ys, w, yerr=[lo, hi], capsize=3, label=NAMES[p])
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([CELLS[c][0].replace(", ", "\n", 1) for c in cells], fontsize=7)
+    ax.set_xticklabels([CELLS[c][0].replace(", ", "\n") for c in cells], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success_once (95% Wilson CI)")
     ax.set_title(f"PickCube-v1 imitation, {args.steps} gradient steps, {args.episodes} eval episodes", fontsize=9)
