@@ -85,6 +85,13 @@ def test_an_upgraded_actor_acts_identically_at_step_0(w):
     assert torch.equal(again.act(obs, True)[0], old.act(obs, True)[0])
 
 
+def _round_batch(obs: torch.Tensor, act: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor) -> dict:
+    """One on-policy round in :meth:`FinetuneLearner.update`'s batch contract (zero returns and rewards)."""
+    B = obs.shape[0]
+    return {"obs": obs, "actions": act, "raw_actions": act, "logprob": logp, "adv": adv, "returns": torch.zeros(B),
+            "rewards": torch.zeros(B), "next_obs": torch.zeros_like(obs), "terminated": torch.zeros(B, dtype=torch.bool)}
+
+
 def test_recap_learner_trains_the_conditions_apart():
     """Maximum likelihood with the indicator: on data where good actions are +0.5 and bad ones -0.5, the
     positive condition's mean moves to the good actions, the negative one to the bad ones."""
@@ -96,10 +103,7 @@ def test_recap_learner_trains_the_conditions_apart():
     B = 512
     adv = torch.randn(B, generator=g)
     act = torch.where(adv > 0, 0.5, -0.5).unsqueeze(-1) + 0.05 * torch.randn(B, 1, generator=g)
-    batch = {"obs": torch.randn(B, 2, generator=g), "actions": act, "raw_actions": act, "logprob": torch.zeros(B),
-             "adv": adv, "returns": torch.zeros(B), "rewards": torch.zeros(B), "next_obs": torch.zeros(B, 2),
-             "terminated": torch.zeros(B, dtype=torch.bool)}
-    m = learner.update(batch)
+    m = learner.update(_round_batch(torch.randn(B, 2, generator=g), act, torch.zeros(B), adv))
     assert m["recap_pos"] == pytest.approx(0.5, abs=0.01)
     assert m["recap_dropped"] == pytest.approx(0.2, abs=0.05)
     obs = torch.randn(64, 2)
@@ -233,10 +237,7 @@ def test_the_kl_trust_region_stops_every_on_policy_rule(update):
             logp = actor.log_prob(obs, act)
         adv = torch.zeros(B)
         adv[:6] = 0.3  # six lucky re-rollouts, the rest zero
-        batch = {"obs": obs, "actions": act, "raw_actions": act, "logprob": logp, "adv": adv,
-                 "returns": torch.zeros(B), "rewards": torch.zeros(B), "next_obs": torch.zeros(B, 2),
-                 "terminated": torch.zeros(B, dtype=torch.bool)}
-        return learner.update(batch)
+        return learner.update(_round_batch(obs, act, logp, adv))
 
     free, guarded = run(None), run(0.01)
     assert free["epochs"] == 8
