@@ -525,7 +525,10 @@ class FinetuneConfig(_Checked):
     grad_clip: float = _f(0.5, "Max gradient norm.")
     clip: float = _f(0.2, "PPO ratio clip.")
     target_kl: Optional[float] = _f(0.1, "On-policy PPO, AWR and push-away: stop the round's epochs once approx_kl "
-                                              "(to the round's behaviour policy) exceeds this (null: never).")
+                                              "(to the round's behaviour policy) exceeds this; sac: stop the round's "
+                                              "actor (and temperature) steps once KL(pi at the round's start || pi) "
+                                              "on the round's first minibatch exceeds it, the critics keep "
+                                              "training (null: never).")
     ent_coef: float = _f(0.0, "PPO entropy bonus coefficient.")
     vf_coef: float = _f(0.5, "PPO value loss coefficient (GAE value net).")
     beta: float = _f(1.0, "AWR temperature: weights exp(A / beta).")

@@ -71,6 +71,7 @@ OFFLINE_FRACTION = "charts/offline_fraction"
 GRAD_STEPS = "charts/grad_steps"
 REPLAY_SIZE = "charts/replay_size"
 SAC_ALPHA = "charts/sac_alpha"
+SAC_ACTOR_STEPS = "charts/sac_actor_steps"          # actor steps a round took before target_kl ended them
 Q_MEAN = "charts/q_mean"
 MC_Q_MEAN = "charts/mc_q_mean"
 MC_V_MEAN = "charts/mc_v_mean"

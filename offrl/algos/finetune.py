@@ -71,6 +71,7 @@ class RoundLearner:
             if i == 0:  # the policy on the round's first minibatch, before any step: for round_kl
                 with torch.no_grad():
                     probe = (b["obs"], self.actor.dist(b["obs"]))
+                self._probe = probe
             m = {"offline_frac": float(b["offline"].float().mean()), **one_step(b)}
             for k, v in m.items():
                 hist.setdefault(k, []).append(v)
@@ -82,6 +83,12 @@ class RoundLearner:
                 after = self.actor.dist(probe[0])
                 out["round_kl"] = float(torch.distributions.kl_divergence(probe[1], after).sum(-1).mean())
         return out
+
+    def kl_from_round_start(self) -> float:
+        """KL(pi at the round's start || pi now) on the round's first minibatch (``round_kl`` so far)."""
+        obs, before = self._probe
+        with torch.no_grad():
+            return float(torch.distributions.kl_divergence(before, self.actor.dist(obs)).sum(-1).mean())
 
     def bc_loss(self, n: int) -> torch.Tensor:
         """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term)."""

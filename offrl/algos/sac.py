@@ -17,6 +17,10 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
   quadratic penalty on the out-of-bounds part of the mean holds it near the bounds (``finetune.sac_bound_coef``);
 * ``+ bc_coef * -mean log pi(a_demo | s_demo)`` on offline rows when ``finetune.bc_coef > 0`` (the DAPG term
   every other rule has);
+* a trust region per round: once KL(pi at the round's start || pi) on the round's first minibatch exceeds
+  ``finetune.target_kl``, the round's remaining steps train the critics only. A fresh ensemble's action
+  gradient is mostly extrapolation; the stop lets the critics catch up with each small policy change
+  before the next one, as PPO's early stop does on the on-policy path;
 * the temperature on ``L(alpha) = -log alpha * E[log pi(a~ | s) + H_target]`` (SAC v2's automatic tuning),
   ``H_target = -act_dim / 2`` by default (RLPD's choice);
 * Polyak-averaged target heads (``tau``).
@@ -147,6 +151,8 @@ class SACLearner(RoundLearner):
     def update_replay(self, train_actor: bool = True) -> dict[str, float]:
         """``updates_per_round`` steps: critics on every minibatch, then actor and temperature."""
         cfg, c = self.cfg, self.critics
+        actor_on = [train_actor]   # the round's trust region (target_kl) can end the actor's steps early
+        self._actor_steps = 0
 
         def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
             y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
@@ -156,7 +162,7 @@ class SACLearner(RoundLearner):
             self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
             c.polyak(cfg.sac_tau)
             m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}
-            if train_actor:
+            if actor_on[0]:
                 a, logp = _sample(self.actor, b["obs"], self.gen)
                 alpha = c.log_alpha.exp().detach()
                 pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
@@ -170,9 +176,15 @@ class SACLearner(RoundLearner):
                 self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
                 m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
                          alpha=float(c.log_alpha.exp().detach()))
+                self._actor_steps += 1
+                if cfg.target_kl is not None and self.kl_from_round_start() > cfg.target_kl:
+                    actor_on[0] = False
             return m
 
-        return self._replay_rounds(one_step)
+        out = self._replay_rounds(one_step)
+        if train_actor:
+            out["actor_steps"] = float(self._actor_steps)
+        return out
 
     # -- checkpoint plumbing (the rest comes from RoundLearner)
     def modules(self) -> dict[str, nn.Module]:

@@ -272,6 +272,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                  "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
                  "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "offline_frac": M.OFFLINE_FRACTION,
                  "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN,
+                 "actor_steps": M.SAC_ACTOR_STEPS,
                  "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,
                  "recap_dropped": M.RECAP_DROPPED}
         for it in range(it0 + 1, fc.iterations + 1):

@@ -9,7 +9,7 @@ from offrl.config import FinetuneConfig
 
 def _learner(**over):
     kw = dict(update="sac", replay=True, updates_per_round=1, batch_size=64, offline_ratio=0.0, replay_size=4096,
-              sac_ensemble=4, sac_subset=2, actor_lr=3e-3, critic_lr=3e-3, grad_clip=0.0)
+              sac_ensemble=4, sac_subset=2, actor_lr=3e-3, critic_lr=3e-3, grad_clip=0.0, target_kl=None)
     kw.update(over)
     torch.manual_seed(0)
     actor = GaussianActor(2, 1, hidden=(32,), log_std_init=-1.0)
@@ -90,3 +90,21 @@ def test_the_bound_penalty_keeps_the_mean_near_the_action_bounds():
         means[coef] = lr.actor.dist(torch.randn(256, 2, generator=g)).mean.mean().item()
     assert means[1.0] > 0.8  # it still goes to the best action
     assert means[1.0] < 1.6 < means[0.0], means
+
+
+def test_target_kl_ends_the_rounds_actor_steps_and_the_critics_go_on():
+    """With target_kl the actor stops once it has moved that far from the round's start (on the round's first
+    minibatch); the critics take every step. Without it the actor takes all of them."""
+    out = {}
+    for kl in (None, 0.05):
+        lr = _learner(updates_per_round=300, target_kl=kl)
+        lr.replay.add(_rising(2048, torch.Generator().manual_seed(5)))
+        q0 = [p.clone() for p in lr.critics.q.parameters()]
+        out[kl] = lr.update_replay()
+        # the critics moved in both cases
+        assert any(not torch.equal(a, b) for a, b in zip(q0, lr.critics.q.parameters()))
+    assert out[None]["actor_steps"] == 300 and out[None]["round_kl"] > 0.5
+    assert 1 <= out[0.05]["actor_steps"] < 300
+    # it stops on the first step past the bound: one step's overshoot at most
+    assert 0.05 < out[0.05]["round_kl"] < 0.2
+    assert out[0.05]["grad_steps"] == 300
