@@ -109,7 +109,10 @@ def main() -> int:
             ft = cfg.get("finetune", {})
             mode = "offline" if (ft.get("replay") or ft.get("bc_coef") or ft.get("update") == "sac"
                                  or (ft.get("update") == "recap" and ft.get("offline_ratio"))) else "onpolicy"
-            rows.append(json.loads(f.read_text()) | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
+            s = json.loads(f.read_text())
+            if s.get("update") == "sac":  # sac brings its own critics: finetune.advantage is not used
+                s["advantage"] = "sac"
+            rows.append(s | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
                                                      "run": str(f.parent),
                                                      "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
         rows.sort(key=lambda r: (r["advantage"], r["update"], r["recap_w"], r["mode"], r["seed"]))
@@ -142,7 +145,7 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"seed": seed, "mode": mode, "auc": _auc(run), "run": str(run), "recap_w": w})
+        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, "auc": _auc(run), "run": str(run), "recap_w": w})
     table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)
