@@ -65,23 +65,19 @@ class RoundLearner:
         returns the averaged metrics plus ``grad_steps``."""
         cfg = self.cfg
         hist: dict[str, list[float]] = {}
-        probe = None
         for i in range(cfg.updates_per_round):
             b = mixed_batch(self.replay, self.offline, cfg.batch_size, cfg.offline_ratio, self.gen)
             if i == 0:  # the policy on the round's first minibatch, before any step: for round_kl
                 with torch.no_grad():
-                    probe = (b["obs"], self.actor.dist(b["obs"]))
-                self._probe = probe
+                    self._probe = (b["obs"], self.actor.dist(b["obs"]))
             m = {"offline_frac": float(b["offline"].float().mean()), **one_step(b)}
             for k, v in m.items():
                 hist.setdefault(k, []).append(v)
         self.updates += 1
         out = {k: float(np.mean(v)) for k, v in hist.items()}
         out["grad_steps"] = float(cfg.updates_per_round)
-        if probe is not None:
-            with torch.no_grad():
-                after = self.actor.dist(probe[0])
-                out["round_kl"] = float(torch.distributions.kl_divergence(probe[1], after).sum(-1).mean())
+        if cfg.updates_per_round > 0:
+            out["round_kl"] = self.kl_from_round_start()
         return out
 
     def kl_from_round_start(self) -> float:

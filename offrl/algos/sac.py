@@ -151,10 +151,10 @@ class SACLearner(RoundLearner):
     def update_replay(self, train_actor: bool = True) -> dict[str, float]:
         """``updates_per_round`` steps: critics on every minibatch, then actor and temperature."""
         cfg, c = self.cfg, self.critics
-        actor_on = [train_actor]   # the round's trust region (target_kl) can end the actor's steps early
-        self._actor_steps = 0
+        actor_on, actor_steps = train_actor, 0   # the round's trust region (target_kl) can end the actor early
 
         def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
+            nonlocal actor_on, actor_steps
             y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
                                   cfg.sac_subset, self.gen)
             qs = c.q(b["obs"], b["actions"])
@@ -162,7 +162,7 @@ class SACLearner(RoundLearner):
             self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
             c.polyak(cfg.sac_tau)
             m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}
-            if actor_on[0]:
+            if actor_on:
                 a, logp = _sample(self.actor, b["obs"], self.gen)
                 alpha = c.log_alpha.exp().detach()
                 pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
@@ -176,14 +176,14 @@ class SACLearner(RoundLearner):
                 self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
                 m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
                          alpha=float(c.log_alpha.exp().detach()))
-                self._actor_steps += 1
+                actor_steps += 1
                 if cfg.target_kl is not None and self.kl_from_round_start() > cfg.target_kl:
-                    actor_on[0] = False
+                    actor_on = False
             return m
 
         out = self._replay_rounds(one_step)
         if train_actor:
-            out["actor_steps"] = float(self._actor_steps)
+            out["actor_steps"] = float(actor_steps)
         return out
 
     # -- checkpoint plumbing (the rest comes from RoundLearner)
