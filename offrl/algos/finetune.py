@@ -87,10 +87,12 @@ class RoundLearner:
             return float(torch.distributions.kl_divergence(before, self.actor.dist(obs)).sum(-1).mean())
 
     def bc_loss(self, n: int) -> torch.Tensor:
-        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term)."""
+        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term); with
+        ``bc_mean_only`` the std is a constant in it."""
         off = self.offline
         idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
-        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx]).mean()
+        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx],
+                                    detach_std=self.cfg.bc_mean_only).mean()
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"finetune": self.gen}

@@ -141,9 +141,13 @@ class GaussianActor(nn.Module):
         log_std = self.log_std if self.min_log_std is None else self.log_std.clamp(min=self.min_log_std)
         return torch.distributions.Normal(mu, log_std.exp().expand_as(mu), validate_args=False)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """log pi(a|s) (an indicator policy: log pi(a|s, cond)) summed over action dims, ``[B]``."""
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, cond: torch.Tensor | None = None,
+                 detach_std: bool = False) -> torch.Tensor:
+        """log pi(a|s) (an indicator policy: log pi(a|s, cond)) summed over action dims, ``[B]``.
+        ``detach_std``: the std enters as a constant (the gradient reaches the mean only)."""
         d = self.dist(obs, cond)
+        if detach_std:
+            d = torch.distributions.Normal(d.loc, d.scale.detach(), validate_args=False)
         u = self._unscale(actions)
         if self.squash == "tanh":
             u = u.clamp(-1 + 1e-6, 1 - 1e-6)

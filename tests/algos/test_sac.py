@@ -108,3 +108,24 @@ def test_target_kl_ends_the_rounds_actor_steps_and_the_critics_go_on():
     # it stops on the first step past the bound: one step's overshoot at most
     assert 0.05 < out[0.05]["round_kl"] < 0.2
     assert out[0.05]["grad_steps"] == 300
+
+
+def test_bc_mean_only_moves_the_mean_as_the_full_term_does_and_leaves_the_std():
+    """finetune.bc_mean_only: the DAPG term's gradient on the mean equals the full log-likelihood's; the std
+    gets none of it (with the full term, demos closer than one std pull the std down)."""
+    g = torch.Generator().manual_seed(4)
+    off = {"obs": torch.randn(64, 2, generator=g), "actions": torch.rand(64, 1, generator=g) * 0.2 - 0.1}
+    grads = {}
+    for mean_only in (False, True):
+        lr = _learner(bc_coef=1.0, bc_mean_only=mean_only)
+        lr.offline = off
+        lr.gen.manual_seed(0)
+        lr.actor.zero_grad()
+        lr.bc_loss(32).backward()
+        grads[mean_only] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                            for n, p in lr.actor.named_parameters()}
+    assert grads[False]["log_std"].abs().sum() > 0 and grads[False]["log_std"].sum() > 0  # pulls the std down
+    assert torch.equal(grads[True]["log_std"], torch.zeros_like(grads[True]["log_std"]))
+    for n in grads[False]:
+        if n != "log_std":
+            assert torch.allclose(grads[True][n], grads[False][n], atol=1e-7), n
