@@ -217,11 +217,12 @@ def _scheduler(spec: "SweepSpec") -> Any:
     pbt = pbt_settings(spec)
     if pbt is not None:
         from ray import tune
-        from ray.tune.schedulers import PopulationBasedTraining
+
+        from offrl.platform.sweep_trial import PBTScheduler
 
         make = {"choice": lambda a: a, "uniform": lambda a: tune.uniform(*a),
                 "loguniform": lambda a: tune.loguniform(*a)}
-        return PopulationBasedTraining(
+        return PBTScheduler(
             time_attr=STEP, metric=pbt["metric"], mode=pbt["mode"],
             perturbation_interval=pbt["perturbation_interval"], quantile_fraction=pbt["quantile_fraction"],
             resample_probability=pbt["resample_probability"], synch=pbt["synch"],

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import PopulationBasedTraining
 
 from offrl.platform.sweep import DONE_FILES
 
@@ -77,6 +78,22 @@ def run_trial(config: dict, *, job: str, base: dict, exp_dir: str) -> None:
         mode = "fresh"
     _record_attempt(run_dir, mode, ckpt_step, donor=donor, config=config if donor else None)
     log(f"[offrl] trial {name}: {mode}" + (f" (Tune checkpoint at step {ckpt_step})" if ckpt_step is not None else ""))
+    try:
+        _run_attempt(job, mode, cfg, run_dir, ckpt_step, ckpt_dir, donor, config, log, report)
+    except SystemExit as e:  # Tune stopping or pausing the trial ends the job inside tune.report
+        log(f"[offrl] trial {name}: stopped by Tune (SystemExit {e.code})")
+        raise
+    except BaseException as e:
+        log(f"[offrl] trial {name}: {type(e).__name__}: {e}")
+        raise
+    log(f"[offrl] trial {name}: attempt ended ({mode})")
+
+
+def _run_attempt(job: str, mode: str, cfg: Any, run_dir: Path, ckpt_step: Optional[int], ckpt_dir: Optional[Path],
+                 donor: Optional[str], config: dict, log: Callable[[str], None],
+                 report: Callable[[int, dict, Optional[Path]], None]) -> None:
+    """One attempt of a trial's job, as :func:`run_trial` chose it (replay / resume / fresh)."""
+    name = run_dir.name
     if mode == "replay":
         replay_metrics(run_dir, after=ckpt_step, report=report)
         return
@@ -207,6 +224,28 @@ def replay_metrics(run_dir: Path, after: Optional[int], report: Callable[[int, d
         ckpt = run_dir / "checkpoints" / str(step)
         report(step, values, ckpt if i == len(todo) - 1 and ckpt.is_dir() else None)
     return len(todo)
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+
+class PBTScheduler(PopulationBasedTraining):
+    """Tune's Population Based Training, less one stale decision that can end a trial early.
+
+    In synchronous mode a trial can report the perturbation step and still be saving that checkpoint when
+    the last trial of the population arrives and the scheduler exploits it. Pausing a trial that is saving
+    makes Tune (2.60, ``TuneController._schedule_trial_stop``) cache a STOP decision for it; the pause cancels
+    the save, so nothing consumes the STOP until the trial runs again, from its donor's checkpoint, and saves
+    its next checkpoint: Tune then executes the STOP and the trial ends for good after one more step (seen
+    in a CI run: metrics 1-3 of 6, no error, the sweep table said "stopped by pbt"). The exploited trial has
+    no live actor left, so no cached decision can still belong to it: drop it.
+    """
+
+    def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)  # Tune passes a wrapper
+        cached = getattr(controller, "_cached_trial_decisions", None)
+        if isinstance(cached, dict):
+            cached.pop(trial.trial_id, None)
 
 
 # ------------------------------------------------------------------------------------------ logging

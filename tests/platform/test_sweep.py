@@ -294,6 +294,18 @@ def _steps(trial_dir: Path) -> tuple[list, list, list]:
     return metrics, result, progress
 
 
+def _story(*trials: Path) -> str:
+    """What each trial's attempts and log say (for the message of a failed assertion)."""
+    out = []
+    for t in trials:
+        attempts = json.loads((t / "sweep_trial.json").read_text())["attempts"] if (t / "sweep_trial.json").exists() else []
+        out.append(f"{t.name}: steps {_steps(t)}; attempts " + "; ".join(
+            f"{a['mode']}@{a['checkpoint_step']} from {a.get('checkpoint_from')} at {a['started']}" for a in attempts))
+        if (t / "trial.log").exists():
+            out.append((t / "trial.log").read_text())
+    return "\n".join(out)
+
+
 def _pretrain_sweep(dataset: Path, name: str, seeds: str, *extra: str) -> list[str]:
     """Overrides of a pretrain sweep of quick critic-only trials (no SimHost) checkpointing every epoch."""
     return [f"pretrain.dataset={dataset}", "pretrain.algo=critic_mc", f"sweep.seeds={seeds}", f"sweep.name={name}",
@@ -544,7 +556,7 @@ def test_pbt_copies_a_better_trials_checkpoint_and_its_metrics_continue(tmp_path
     assert cloned and cloned[0]["mode"] == "resume" and cloned[0]["checkpoint_step"] in (2, 4)
     assert cloned[0]["config"]["pretrain.critic_lr"] in (1.0e-3, 3.0e-4)
     step = cloned[0]["checkpoint_step"]
-    assert _steps(bad) == ([1, 2, 3, 4, 5, 6],) * 3 and _steps(good) == ([1, 2, 3, 4, 5, 6],) * 3
+    assert _steps(bad) == ([1, 2, 3, 4, 5, 6],) * 3 and _steps(good) == ([1, 2, 3, 4, 5, 6],) * 3, _story(good, bad)
     err = {t: {int(r["step"]): float(r["val/mc_error"]) for r in csv.DictReader(open(t / "metrics.csv"))}
            for t in (good, bad)}
     # before: the bad trial's error is far above the good one's; after: it continues at the good one's level
