@@ -76,8 +76,7 @@ class RoundLearner:
         self.updates += 1
         out = {k: float(np.mean(v)) for k, v in hist.items()}
         out["grad_steps"] = float(cfg.updates_per_round)
-        if cfg.updates_per_round > 0:
-            out["round_kl"] = self.kl_from_round_start()
+        out["round_kl"] = self.kl_from_round_start()  # updates_per_round >= 1: the probe is always set
         return out
 
     def kl_from_round_start(self) -> float:
