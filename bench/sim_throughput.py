@@ -8,10 +8,13 @@ per worker. Simulator construction and a warm-up rollout are excluded from the t
 
 Prints env-steps/s of each and the ratio actors / bare (target >= 0.9 on CPU). A third measurement
 runs MC re-rollouts through the same actors (restore a saved state, then ``--horizon`` policy steps,
-for every state of a recorded rollout) and reports its env-steps/s against the same bare figure.
+for every state of a recorded rollout) and reports its env-steps/s against the same bare figure. A fourth
+runs full-horizon re-rollouts (to the end of each episode, as MC finetuning does) from states spread over
+whole episodes, twice per round: stepping only the live re-rollouts (``step_active``, the default) and
+stepping every env until the longest re-rollout of each chunk ends; it reports the ratio of the two.
 Repeats ``--rounds`` times, alternating the sides, and reports medians.
 
-    python bench/sim_throughput.py [--procs N] [--envs K] [--steps S] [--rounds R]
+    python bench/sim_throughput.py [--procs N] [--envs K] [--steps S] [--rounds R] [--horizon H] [--no-full-horizon]
 """
 
 from __future__ import annotations
@@ -122,6 +125,20 @@ class Actors:
         out = rerollout_pool(self.pool, self.spec, self._states, None, samples=1, horizon=horizon, gamma=0.8)
         return out["steps"] / out["seconds"]
 
+    def full_horizon_round(self, live_only: bool) -> float:
+        """Full-horizon re-rollouts (``horizon=None``) from a quarter of the states of a 50-step rollout, so
+        each chunk mixes re-rollouts with 1 to 50 steps left; live env-steps/s."""
+        from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
+
+        if not hasattr(self, "_spread"):
+            res = self.pool.rollout(self.spec, 50, reset_seed=321, record_states=True)
+            every = [index_state(r["states"][t], n) for r in res for t in range(50) for n in range(r["obs"].shape[1])]
+            pick = np.random.default_rng(0).choice(len(every), size=max(1, len(every) // 4), replace=False)
+            self._spread = stack_states([every[i] for i in pick])
+        out = rerollout_pool(self.pool, self.spec, self._spread, None, samples=1, horizon=None, gamma=0.8,
+                             live_only=live_only)
+        return out["steps"] / out["seconds"]
+
     def close(self) -> None:
         self.pool.shutdown()
         self.ray.shutdown()
@@ -135,6 +152,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per side; medians are reported")
     ap.add_argument("--horizon", type=int, default=35,
                     help="MC re-rollout horizon per restored state (0 skips the re-rollout measurement)")
+    ap.add_argument("--no-full-horizon", dest="full_horizon", action="store_false",
+                    help="skip the full-horizon re-rollout comparison (live envs only vs every env)")
     args = ap.parse_args()
 
     print(f"PickCube-v1 {ENV['control_mode']}, {args.procs} workers x {args.envs} envs, "
@@ -142,6 +161,8 @@ def main() -> int:
     bare_sps: list[float] = []
     actor_sps: list[float] = []
     rr_sps: list[float] = []
+    fh_live: list[float] = []
+    fh_all: list[float] = []
     # Interleave: bare round, actor round, ... so drifting machine load hits both sides alike.
     bare = Bare(args.procs, args.envs, args.steps, args.rounds)
     # keep the bare workers alive but idle while the actors run: they sit at a barrier (no CPU)
@@ -153,8 +174,13 @@ def main() -> int:
                 actors = Actors(args.procs, args.envs, args.steps)
             actor_sps.append(actors.round())
             rr_sps.append(actors.rerollout_round(args.horizon) if args.horizon else float("nan"))
+            if args.full_horizon:
+                fh_all.append(actors.full_horizon_round(live_only=False))
+                fh_live.append(actors.full_horizon_round(live_only=True))
             print(f"  round {r + 1}: bare {bare_sps[-1]:8.1f} steps/s   actors {actor_sps[-1]:8.1f} steps/s   "
-                  f"re-rollouts {rr_sps[-1]:8.1f} steps/s", flush=True)
+                  f"re-rollouts {rr_sps[-1]:8.1f} steps/s"
+                  + (f"   full-horizon live {fh_live[-1]:8.1f}, every env {fh_all[-1]:8.1f} steps/s"
+                     if args.full_horizon else ""), flush=True)
     finally:
         bare.close()
         if actors is not None:
@@ -171,6 +197,11 @@ def main() -> int:
         rratio = statistics.median(x / y for x, y in zip(rr_sps, bare_sps))
         print(f"MC re-rollouts : {rr:8.1f} env-steps/s (median; restore + {args.horizon} steps per saved state)")
         print(f"ratio re-rollouts/bare: {rratio:.3f}  (median of per-round ratios; target >= 0.9)")
+    if args.full_horizon:
+        print(f"full-horizon re-rollouts, live envs only : {statistics.median(fh_live):8.1f} live env-steps/s (median)")
+        print(f"full-horizon re-rollouts, every env      : {statistics.median(fh_all):8.1f} live env-steps/s (median)")
+        print(f"ratio live-only/every-env: {statistics.median(x / y for x, y in zip(fh_live, fh_all)):.3f}  "
+              "(median of per-round ratios)")
     return 0
 
 

@@ -39,6 +39,9 @@ class BatchedSim(Protocol):
         ``elapsed_steps [N] int`` (steps taken in the episode that just ended or goes on).
         """
 
+    # Optional: ``step_active(actions, active [N] bool)`` steps only the active envs and resets none
+    # (MC re-rollouts use it where present; see ManiSkillCPUSim.step_active).
+
     def get_state(self, env_ids: Optional[Sequence[int]] = None) -> dict[str, Any]:
         """Snapshot envs ``env_ids`` (all by default) as a dict of numpy arrays with a leading batch dim."""
 

@@ -225,6 +225,39 @@ class ManiSkillCPUSim:
         info = {"success": succ, "final_obs": final_obs, "done": done, "elapsed_steps": elapsed}
         return obs, rew, term, trunc, info
 
+    def step_active(self, actions: np.ndarray, active: np.ndarray):
+        """Step only the envs where ``active`` is true, and reset none (re-rollouts: an env whose job has
+        ended costs nothing until the next job is restored into it).
+
+        Same returns as :meth:`step`. Inactive envs keep their state, step counter and observation; their
+        reward, terminated, truncated, success and done are false/0. An active env that finishes is left
+        at its final state (no auto-reset, no episode seed drawn): ``obs`` is its final observation.
+        Stepping envs one after another, the CPU backend pays only for the active ones.
+        """
+        actions = np.asarray(actions, dtype=np.float32)
+        active = np.asarray(active, dtype=bool)
+        n = self.num_envs
+        if actions.shape != (n, self.act_dim) or active.shape != (n,):
+            raise ValueError(f"actions must have shape {(n, self.act_dim)} and active {(n,)}, "
+                             f"got {actions.shape} and {active.shape}")
+        rew = np.zeros(n, np.float32)
+        term = np.zeros(n, bool)
+        succ = np.zeros(n, bool)
+        for i in np.flatnonzero(active):
+            o, r, te, _tr, info = self.envs[i].step(actions[i : i + 1])
+            self._obs[i] = _to_np(o)[0]
+            rew[i] = float(_to_np(r).reshape(-1)[0])
+            term[i] = bool(_to_np(te).reshape(-1)[0]) and not self.ignore_terminations
+            if "success" in info:
+                succ[i] = bool(_to_np(info["success"]).reshape(-1)[0])
+        self._tl.elapsed[active] += 1
+        elapsed = self._tl.elapsed.copy()
+        trunc = active & (elapsed >= self._tl.max_episode_steps) & ~term
+        done = term | trunc
+        obs = self._obs.copy()
+        return obs, rew, term, trunc, {"success": succ, "final_obs": obs.copy(), "done": done,
+                                       "elapsed_steps": elapsed}
+
     def get_state(self, env_ids: Optional[Sequence[int]] = None) -> dict:
         ids = range(self.num_envs) if env_ids is None else env_ids
         sim = _stack_states([_to_np(self.envs[i].get_state_dict()) for i in ids])

@@ -35,7 +35,8 @@ def index_state(state: dict, idx: Any) -> dict:
 
 
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
-                     horizon: Optional[int], gamma: float, success_bonus: float = 0.0) -> tuple[np.ndarray, int]:
+                     horizon: Optional[int], gamma: float, success_bonus: float = 0.0,
+                     live_only: bool = True) -> tuple[np.ndarray, int]:
     """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
 
     ``horizon=None`` follows every re-rollout to the end of its episode: the restored ``elapsed_steps``
@@ -44,14 +45,23 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
 
     ``actions [B, a]``: the first action of every re-rollout (Q(s, a)); None: the policy picks it (V(s)).
     Returns (returns, env steps taken). ``sim`` must be an auto-resetting BatchedSim; steps after an
-    env's episode ended are ignored. ``success_bonus`` is added to the reward of a step that ends the
-    episode with success (see :mod:`offrl.algos.rewards`).
+    env's episode ended are ignored. Where the sim has ``step_active`` (the CPU backend), an env whose
+    re-rollout has ended, or that holds no job in the last chunk, is neither stepped nor reset: every live
+    re-rollout takes the same steps with the same policy noise as before (the policy still acts on every
+    row; rows are independent), at the cost of the live steps only (``live_only=False`` steps every env,
+    for comparison). On ManiSkill's CPU backend a restore does not bring back the contact caches, so a
+    re-rollout's return depends slightly on what its env ran before, on either path. The host restores
+    its sim afterwards (``SimHostImpl.preserved``) either way. ``success_bonus`` is added to the reward of
+    a step that ends the episode with success (see :mod:`offrl.algos.rewards`).
     """
     B = len(states["elapsed_steps"])
     K = sim.num_envs
     jobs = [(b, m) for b in range(B) for m in range(samples)]
     out = np.zeros((B, samples), np.float64)
     steps = 0
+    # a sim that can step a subset of its envs (the CPU backend) steps only the live re-rollouts and resets
+    # none; the others step every env, finished ones included (auto-reset), and ignore what they return
+    step_active = getattr(sim, "step_active", None) if live_only else None
     for start in range(0, len(jobs), K):
         chunk = jobs[start:start + K]
         n = len(chunk)
@@ -73,7 +83,10 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
             if t == 0 and actions is not None:
                 act = act.copy()
                 act[:n] = actions[[b for b, _ in chunk]]
-            cur, rew, term, trunc, info = sim.step(act)
+            if step_active is not None:
+                cur, rew, term, trunc, info = step_active(act, alive)
+            else:
+                cur, rew, term, trunc, info = sim.step(act)
             steps += int(alive.sum())
             rew = add_success_bonus(rew, term, info["success"], success_bonus)
             ret += np.where(alive, disc * rew, 0.0)
@@ -87,23 +100,26 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
 
 
 def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                      horizon: Optional[int], gamma: float, seed: int, success_bonus: float = 0.0) -> dict:
+                      horizon: Optional[int], gamma: float, seed: int, success_bonus: float = 0.0,
+                      live_only: bool = True) -> dict:
     """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
     from offrl.platform.rollout import build_policy
 
     t0 = time.perf_counter()
     with host.preserved() as sim:
         policy = build_policy(policy_spec, sim, seed=seed)
-        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus)
+        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus, live_only)
         v = None
         if actions is not None:
-            v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma, success_bonus)
+            v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma, success_bonus,
+                                          live_only)
             steps += steps_v
     return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
 def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
-                   horizon: Optional[int], gamma: float, seed: int = 0, success_bonus: float = 0.0) -> dict:
+                   horizon: Optional[int], gamma: float, seed: int = 0, success_bonus: float = 0.0,
+                   live_only: bool = True) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
     total env steps and wall seconds."""
     B = len(states["elapsed_steps"])
@@ -115,7 +131,7 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
             continue
         sub_actions = None if actions is None else actions[idx]
         refs.append(h.apply.remote(rerollout_on_host, policy_spec, index_state(states, idx), sub_actions,
-                                   samples, horizon, gamma, seed + 7919 * i, success_bonus))
+                                   samples, horizon, gamma, seed + 7919 * i, success_bonus, live_only))
         order.append(idx)
     results = pool._get(refs)
     q = np.zeros((B, samples))

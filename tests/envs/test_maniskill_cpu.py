@@ -80,6 +80,36 @@ def test_restore_single_env_leaves_others(sim):
     assert list(sim.elapsed_steps) == [3, 0]
 
 
+def test_step_active_steps_only_the_active_envs_and_resets_none(sim):
+    """The re-rollouts' step: inactive envs keep state, counter and observation; a finishing env stays at
+    its final state (no auto-reset, no episode seed drawn); active envs step as ``step`` steps them."""
+    rng = np.random.default_rng(1)
+    sim.reset(seed=7)
+    state = sim.get_state()
+    a = rng.uniform(-1, 1, (3, 2, 4)).astype(np.float32)
+    sim.set_state(state)
+    ref = [sim.step(x)[0][0] for x in a]  # env 0 under the plain step, from the same restored state
+    sim.set_state(state)
+    seeds_before = sim._tl.rng.bit_generator.state
+    for t, x in enumerate(a):
+        obs, r, te, tr, info = sim.step_active(x, np.array([True, False]))
+        np.testing.assert_array_equal(obs[0], ref[t])
+        np.testing.assert_array_equal(obs[1], state["obs"][1])
+        assert r[1] == 0 and not (te[1] or tr[1] or info["done"][1] or info["success"][1])
+    np.testing.assert_array_equal(sim.elapsed_steps, [3, 0])
+    np.testing.assert_array_equal(sim.get_state([1])["sim"]["actors"]["cube"], state["sim"]["actors"]["cube"][1:])
+    # env 1 at its last step: its episode ends and it is left there, not reset
+    last = {**state, "elapsed_steps": np.array([0, 11])}
+    sim.set_state(last)
+    obs, r, te, tr, info = sim.step_active(np.zeros((2, 4), np.float32), np.array([True, True]))
+    assert info["done"].tolist() == [False, True] and (tr[1] or te[1])  # its time limit (or a success)
+    np.testing.assert_array_equal(sim.elapsed_steps, [1, 12])
+    np.testing.assert_array_equal(obs[1], info["final_obs"][1])
+    assert sim._tl.rng.bit_generator.state == seeds_before  # no episode seed was drawn
+    with pytest.raises(ValueError, match="active"):
+        sim.step_active(np.zeros((2, 4), np.float32), np.array([True]))
+
+
 def test_unknown_env_id_is_one_clear_error():
     with pytest.raises(OffrlError, match="unknown env id 'PickCub-v1'"):
         ManiSkillCPUSim("PickCub-v1")

@@ -100,6 +100,49 @@ def test_full_horizon_default_runs_to_the_time_limit():
     assert (v3 <= v).all() and (v3 < v).any()
 
 
+class CountingChainSim(ChainSim):
+    """ChainSim that counts the env steps it takes."""
+
+    stepped = 0
+
+    def step(self, actions):
+        self.stepped += self.num_envs
+        return super().step(actions)
+
+
+class ActiveChainSim(CountingChainSim):
+    """... and can step a subset of its envs without resetting any, as the CPU backend can."""
+
+    def step_active(self, actions, active):
+        self.stepped += int(active.sum())
+        moved = np.where(actions[:, 0] > 0, self.x + 1, np.maximum(self.x - 1, 0))
+        self.x = np.where(active, moved, self.x)
+        self.elapsed_steps = self.elapsed_steps + active
+        term = active & (self.x >= self.L)
+        trunc = active & (self.elapsed_steps >= self.max_episode_steps) & ~term
+        self._sync()
+        obs = self._obs.copy()
+        return obs, term.astype(np.float32), term, trunc, {"success": term, "final_obs": obs, "done": term | trunc,
+                                                           "elapsed_steps": self.elapsed_steps.copy()}
+
+
+def test_rerollouts_step_only_live_envs_where_the_sim_can():
+    """With ``step_active`` the re-rollouts give the same returns and take only their live steps; a sim
+    without it steps every env until the chunk's longest re-rollout ends."""
+    M, L, g = 8, 5, 0.9
+    xs = np.array([0, 0, 2, 3, 1, 4, 4])
+    el = np.array([0, 4, 5, 6, 2, 7, 0])
+    states = {"sim": {"x": xs}, "elapsed_steps": el, "obs": xs[:, None].astype(np.float32)}
+    plain, live = CountingChainSim(n=4, L=L, max_episode_steps=M), ActiveChainSim(n=4, L=L, max_episode_steps=M)
+    v0, s0 = rerollout_on_sim(plain, go_right, states, None, samples=2, horizon=None, gamma=g)
+    v1, s1 = rerollout_on_sim(live, go_right, states, None, samples=2, horizon=None, gamma=g)
+    d = L - xs
+    np.testing.assert_allclose(v1[:, 0], np.where(d <= M - el, g ** (d - 1), 0.0), rtol=1e-12)
+    np.testing.assert_array_equal(v0, v1)
+    assert s0 == s1 == live.stepped == 2 * int(np.minimum(d, M - el).sum())
+    assert live.stepped == 40 and plain.stepped == 4 * (5 + 3 + 4 + 1)  # chunks of 4 jobs: longest 5, 3, 4, 1
+
+
 def test_success_bonus_in_rerollout_returns():
     """Reaching L is a successful termination: its reward 1 becomes 1 + bonus, discounted like the reward."""
     sim, g, L, b = ChainSim(n=2, L=5), 0.9, 5, 3.0
