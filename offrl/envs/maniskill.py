@@ -178,6 +178,12 @@ class ManiSkillCPUSim:
         self._obs[i] = _to_np(obs)[0]
         return self._obs[i]
 
+    def _step_one(self, i: int, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        """Step env ``i`` with ``action [1, a]``: (obs, reward, terminated, success)."""
+        o, r, te, _tr, info = self.envs[i].step(action)
+        succ = bool(_to_np(info["success"]).reshape(-1)[0]) if "success" in info else False
+        return _to_np(o)[0], float(_to_np(r).reshape(-1)[0]), bool(_to_np(te).reshape(-1)[0]), succ
+
     @property
     def elapsed_steps(self) -> np.ndarray:
         return self._tl.elapsed.copy()
@@ -203,13 +209,8 @@ class ManiSkillCPUSim:
         term = np.zeros(n, bool)
         succ = np.zeros(n, bool)
         obs = np.empty((n, self.obs_dim), np.float32)
-        for i, env in enumerate(self.envs):
-            o, r, te, _tr, info = env.step(actions[i : i + 1])
-            obs[i] = _to_np(o)[0]
-            rew[i] = float(_to_np(r).reshape(-1)[0])
-            term[i] = bool(_to_np(te).reshape(-1)[0])
-            if "success" in info:
-                succ[i] = bool(_to_np(info["success"]).reshape(-1)[0])
+        for i in range(n):
+            obs[i], rew[i], term[i], succ[i] = self._step_one(i, actions[i : i + 1])
         if self.ignore_terminations:
             term[:] = False
         self._tl.elapsed += 1
@@ -244,12 +245,9 @@ class ManiSkillCPUSim:
         term = np.zeros(n, bool)
         succ = np.zeros(n, bool)
         for i in np.flatnonzero(active):
-            o, r, te, _tr, info = self.envs[i].step(actions[i : i + 1])
-            self._obs[i] = _to_np(o)[0]
-            rew[i] = float(_to_np(r).reshape(-1)[0])
-            term[i] = bool(_to_np(te).reshape(-1)[0]) and not self.ignore_terminations
-            if "success" in info:
-                succ[i] = bool(_to_np(info["success"]).reshape(-1)[0])
+            self._obs[i], rew[i], term[i], succ[i] = self._step_one(int(i), actions[i : i + 1])
+        if self.ignore_terminations:
+            term[:] = False
         self._tl.elapsed[active] += 1
         elapsed = self._tl.elapsed.copy()
         trunc = active & (elapsed >= self._tl.max_episode_steps) & ~term
