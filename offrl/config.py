@@ -533,7 +533,12 @@ class FinetuneConfig(_Checked):
     vf_coef: float = _f(0.5, "PPO value loss coefficient (GAE value net).")
     beta: float = _f(1.0, "AWR temperature: weights exp(A / beta).")
     max_weight: float = _f(20.0, "AWR weight clip.")
-    normalize_advantage: bool = _f(True, "Normalise advantages per minibatch (PPO) / per round (AWR).")
+    normalize_advantage: bool = _f(True, "Normalise advantages per minibatch (PPO) / per round (AWR, push-away; "
+                                         "per minibatch on the replay path).")
+    center_advantage: bool = _f(True, "AWR and push-away with normalize_advantage: subtract the mean before "
+                                      "dividing by the std. false: divide only, so each advantage keeps its sign "
+                                      "(with MC's many exact zeros, centring turns them negative and push-away "
+                                      "pushes down most of the policy's own actions). PPO always centres.")
     push_alpha: float = _f(1.0, "Push-away AWR: weight of the push-down term on negative advantages.")
     push_max: float = _f(1.0, "Push-away AWR: max nats a pushed action's log-likelihood may fall below the "
                               "data-collecting policy's (the bound of the push term).")

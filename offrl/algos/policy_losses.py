@@ -16,11 +16,15 @@ def _same_shape(**xs: torch.Tensor) -> None:
         raise ValueError(f"inputs must share one [B] shape, got {shapes}")
 
 
-def normalize(adv: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean) / (std + eps); a single element is returned centred."""
+def normalize(adv: torch.Tensor, eps: float = 1e-8, center: bool = True) -> torch.Tensor:
+    """(A - mean) / (std + eps); a single element is returned centred (unchanged when not centring).
+
+    ``center=False`` only scales: A / (std + eps) keeps every advantage's sign, so an advantage of exactly 0
+    (an MC pair whose re-rollouts all failed) stays 0 instead of turning negative when most of a batch is 0.
+    """
     if adv.numel() < 2:
-        return adv - adv.mean()
-    return (adv - adv.mean()) / (adv.std() + eps)
+        return adv - adv.mean() if center else adv
+    return ((adv - adv.mean()) if center else adv) / (adv.std() + eps)
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:

@@ -7,7 +7,7 @@ import torch
 
 from offrl.algos.advantages import (critic_advantage, discounted_returns, gae, mc_rerollout_advantage,
                                     td0_advantage)
-from offrl.algos.policy_losses import awr_loss, ppo_loss, push_away_awr_loss, value_loss
+from offrl.algos.policy_losses import awr_loss, normalize, ppo_loss, push_away_awr_loss, value_loss
 
 E = math.e
 
@@ -132,7 +132,43 @@ def test_push_away_hand_computed_and_bounded():
     assert low.item() == pytest.approx((E - 0.5 * E - 0.5 * E * E) / 3, rel=1e-6)
 
 
+def test_normalize_scale_only_keeps_exact_zeros_and_signs():
+    # MC's round: most pairs' re-rollouts all failed (A = 0 exactly), one did better, one worse
+    adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.6, -0.2])
+    std = float(adv.std())
+    centred = normalize(adv)
+    assert (centred[:4] < 0).all()  # centring turns the zeros negative: push-away would push them down
+    assert float(centred.mean()) == pytest.approx(0.0, abs=1e-6)
+    scaled = normalize(adv, center=False)
+    assert scaled.tolist() == pytest.approx((adv / std).tolist(), rel=1e-6)
+    assert (scaled[:4] == 0).all() and scaled[4] > 0 > scaled[5]
+    assert normalize(torch.tensor([0.3]), center=False).tolist() == pytest.approx([0.3])
+    assert normalize(torch.tensor([0.3])).tolist() == pytest.approx([0.0])
+
+
 def test_value_loss_clip():
     v, r, old = torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([1.0])
     assert value_loss(v, r).item() == pytest.approx(2.0)
     assert value_loss(v, r, old, clip=0.5).item() == pytest.approx(2.0)  # max(4, 1.5^2) / 2
+
+
+@pytest.mark.parametrize("center, pushed", [(True, 0.9), (False, 0.0)])
+def test_push_away_round_pushes_the_zero_advantages_only_when_centring(center, pushed):
+    """An MC-like round, 90% exact zeros and 10% positive: centring makes the zeros the pushed-down side."""
+    from offrl.algos.critics import VNet
+    from offrl.algos.finetune import FinetuneLearner
+    from offrl.algos.networks import GaussianActor
+    from offrl.config import FinetuneConfig
+    cfg = FinetuneConfig(advantage="mc", update="push_away", center_advantage=center, epochs=1, minibatches=1,
+                         target_kl=None)
+    actor = GaussianActor(3, 2, hidden=(8,))
+    learner = FinetuneLearner(actor, cfg, value=VNet(3, [8]), seed=0)
+    g = torch.Generator().manual_seed(0)
+    B = 100
+    obs, act = torch.randn(B, 3, generator=g), torch.randn(B, 2, generator=g)
+    adv = torch.zeros(B)
+    adv[:10] = 0.5
+    with torch.no_grad():
+        logp = actor.log_prob(obs, act)
+    m = learner.update({"obs": obs, "actions": act, "raw_actions": act, "logprob": logp, "adv": adv})
+    assert m["push_frac"] == pytest.approx(pushed)
