@@ -25,10 +25,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from offrl import metrics as M  # noqa: E402
 
 
-def _round_sps(run: Path) -> float:
-    """Env steps of all rounds / the rounds' own seconds (rollout + advantages + update; no evaluation)."""
+def _round_sps(run: Path) -> tuple[float, dict[str, float]]:
+    """Env steps of all rounds / the rounds' own seconds (rollout + advantages + update; no evaluation), and
+    the mean round's split into rollout, advantage and update seconds."""
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get(M.ITERATION_SECONDS)]
-    return float(rows[-1][M.ENV_STEPS]) / sum(float(r[M.ITERATION_SECONDS]) for r in rows)
+    total = sum(float(r[M.ITERATION_SECONDS]) for r in rows)
+    steps = float(rows[-1][M.ENV_STEPS])
+    roll = sum(steps / len(rows) / float(r[M.ENV_SPS]) for r in rows) / len(rows)
+    upd = sum(float(r[M.UPDATE_SECONDS]) for r in rows) / len(rows)
+    return steps / total, {"round": total / len(rows), "rollout": roll, "update": upd,
+                           "advantages": total / len(rows) - roll - upd}
 
 
 def main() -> int:
@@ -87,8 +93,10 @@ def main() -> int:
     sim = (before + after) / 2
     print(f"PickCube-v1, {hosts} SimHosts x {envs} envs, {T} steps a round, {args.rounds} rounds per path")
     print(f"bare simulator : {sim:8.1f} env-steps/s (before {before:.1f}, after {after:.1f})")
-    for name, sps in loop.items():
+    for name, (sps, split) in loop.items():
         print(f"{name:32s}: {sps:8.1f} env-steps/s  ratio loop/bare {sps / sim:.3f}  (target >= 0.8)")
+        print(f"{'':32s}  a round: {split['round']:.2f} s = rollout {split['rollout']:.2f} + advantages "
+              f"{split['advantages']:.2f} + update {split['update']:.2f}")
     return 0
 
 

@@ -91,6 +91,7 @@ POS_RATIO = "charts/pos_ratio"
 ENV_SPS = "time/env_sps"
 REROLLOUT_SPS = "time/rerollout_sps"
 ITERATION_SECONDS = "time/iteration_seconds"
+UPDATE_SECONDS = "time/update_seconds"  # the learner's share of a finetuning round (its gradient steps)
 ENV_STEPS = "time/env_steps"
 
 ALL: frozenset[str] = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str))

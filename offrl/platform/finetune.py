@@ -292,6 +292,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             row.update(extra)
             # GAE's value net and SAC's fresh Q ensemble learn alone for the first value_warmup_iters rounds
             train_actor = not ((fc.advantage == "gae" or fc.update == "sac") and it <= fc.value_warmup_iters)
+            t_upd = time.perf_counter()
             if fc.replay:
                 learner.replay.add(batch)
                 m = learner.update_replay(train_actor=train_actor)
@@ -305,6 +306,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                 row.update({M.ADVANTAGE_MEAN: float(a.mean()), M.ADVANTAGE_STD: float(a.std()) if a.numel() > 1 else 0.0,
                             M.POS_RATIO: float((a > 0).float().mean()), M.ADVANTAGE_SAMPLES: float(a.numel())})
                 m = learner.update(batch, train_actor=train_actor)
+            row[M.UPDATE_SECONDS] = time.perf_counter() - t_upd
             learner.iteration = it
             row.update({names[k]: v for k, v in m.items() if k in names})
             s = summarize_episodes(data["episodes"])

@@ -45,6 +45,8 @@ def test_every_combination_runs_and_writes_metrics(tmp_path, bc_iql_checkpoint, 
     for key in ("eval/success_rate", "eval/success_once", "charts/advantage_mean", "charts/advantage_std",
                 "charts/pos_ratio", "losses/policy_loss", "losses/approx_kl", "time/env_sps"):
         assert last[key] != "" and np.isfinite(float(last[key])), key
+    # the learner's share of each round, inside the round's own time
+    assert all(0 < float(r["time/update_seconds"]) < float(r["time/iteration_seconds"]) for r in rows[1:])
     if upd == "ppo":
         assert last["losses/clipfrac"] != ""
     if adv == "gae":
