@@ -589,6 +589,9 @@ class FinetuneConfig(_Checked):
                                       "entropy term (-0.23 a step) outweighed the reward in Q (Q mean -0.70).")
     sac_target_entropy: Optional[float] = _f(None, "sac: target entropy of the temperature tuning (null: "
                                                    "-act_dim / 2, RLPD's choice).")
+    sac_backup_entropy: bool = _f(True, "sac: subtract alpha log pi(a'|s') in the TD target (SAC). false: the "
+                                        "target is reward + discounted min Q only, as RLPD's ManiSkill configs "
+                                        "run it (backup_entropy: False).")
     sac_tau: float = _f(0.005, "sac: Polyak rate of the target Q networks.")
     sac_bound_coef: float = _f(1.0, "sac: weight of the penalty ||mu - clip(mu)||^2 that keeps the actor's mean "
                                     "near the action bounds (clip squashing; 0 disables).")

@@ -6,6 +6,8 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
 * an ensemble of ``E`` Q networks with LayerNorm after every hidden layer (RLPD's critic), each regressed on
   ``y = r + gamma (1 - term) (min_{i in Z} Q_target,i(s', a') - alpha log pi(a' | s'))`` with
   ``a' ~ pi(. | s')`` and ``Z`` a random subset of ``M`` target heads (random ensemble distillation, REDQ);
+  ``finetune.sac_backup_entropy: false`` drops the ``- alpha log pi`` term from the target (RLPD's ManiSkill
+  configs do), so the temperature shapes the actor but never the 0/1 reward's Q values;
 * the actor on ``L = E_s[ alpha log pi(a~ | s) - mean_i Q_i(s, a~) ]`` with the reparameterised sample
   ``a~ = mu(s) + sigma eps`` (log-prob of the unclipped sample, as :class:`offrl.algos.networks.GaussianActor`
   defines it for ``squash="clip"``). The critics see ``a~`` clipped into the bounds, with a straight-through
@@ -112,13 +114,16 @@ def out_of_bounds(actor: GaussianActor, obs: torch.Tensor) -> torch.Tensor:
 
 def sac_critic_target(critics: SACCritics, actor: GaussianActor, rewards: torch.Tensor, next_obs: torch.Tensor,
                       terminated: torch.Tensor, gamma: float, subset: int,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """y = r + gamma (1 - term) (min over a random subset of target heads - alpha log pi), ``[B]``."""
+                      generator: Optional[torch.Generator] = None, backup_entropy: bool = True) -> torch.Tensor:
+    """y = r + gamma (1 - term) (min over a random subset of target heads - alpha log pi), ``[B]``;
+    without the entropy term when ``backup_entropy`` is false (RLPD's ManiSkill configs)."""
     with torch.no_grad():
         a2, logp2 = _sample(actor, next_obs, generator)
         qs = critics.q_target(next_obs, a2)                                   # [E, B]
         pick = torch.randperm(qs.shape[0], generator=generator)[:subset]
-        q2 = qs[pick].min(0).values - critics.log_alpha.exp() * logp2
+        q2 = qs[pick].min(0).values
+        if backup_entropy:
+            q2 = q2 - critics.log_alpha.exp() * logp2
         return rewards + gamma * (1.0 - terminated.float()) * q2
 
 
@@ -156,7 +161,7 @@ class SACLearner(RoundLearner):
         def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
             nonlocal actor_on, actor_steps
             y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
-                                  cfg.sac_subset, self.gen)
+                                  cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
             qs = c.q(b["obs"], b["actions"])
             q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
             self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")

@@ -45,6 +45,12 @@ def test_target_is_the_min_of_a_random_target_subset_minus_the_entropy_term():
         expect = b["rewards"] + 0.9 * (qs[pick].min(0).values - lr.critics.log_alpha.exp() * logp)
     assert torch.allclose(y[:4], expect[:4], atol=1e-6)
     assert (qs.min(0).values[:4] <= qs[pick].min(0).values[:4]).all()
+    # without the entropy backup (RLPD's ManiSkill setting): the same heads and sample, no - alpha log pi
+    y0 = sac_critic_target(lr.critics, lr.actor, b["rewards"], b["next_obs"], b["terminated"], 0.9, 2,
+                           torch.Generator().manual_seed(7), backup_entropy=False)
+    assert torch.allclose(y0[4:], b["rewards"][4:])
+    assert torch.allclose(y0[:4], (b["rewards"] + 0.9 * qs[pick].min(0).values)[:4], atol=1e-6)
+    assert not torch.allclose(y0[:4], y[:4])
 
 
 def test_sac_learns_a_one_step_task():
