@@ -51,13 +51,16 @@ def main() -> int:
     print(f"start point {args.checkpoint}; one round of each rule on the start policy's own samples")
     print("| rule | advantages | samples | epochs run | KL(before \\|\\| after) | mean shift / std |")
     print("|---|---|---:|---:|---:|---:|")
+    # the start point and its demos are the same for every rule (GAE's value net, no RECAP indicator)
+    cfg = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
+                                    "run.progress=false"])
+    cfg, arch, actor0, value, _, ckpt = _load_start(cfg, lambda *a: None)
+    bonus = auto_success_bonus(cfg.finetune.success_bonus, cfg.env.reward_mode, cfg.finetune.gamma,
+                               cfg.env.max_episode_steps)
+    demos = load_offline(cfg, ckpt, actor0, bonus, need_rewards=False, log=lambda *a: None)
     for rule in ("ppo", "awr", "push_away"):
-        cfg = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
-                                        f"finetune.update={rule}", "run.progress=false"])
-        cfg, arch, actor0, value, _, ckpt = _load_start(cfg, lambda *a: None)
-        fc = cfg.finetune
-        bonus = auto_success_bonus(fc.success_bonus, cfg.env.reward_mode, fc.gamma, cfg.env.max_episode_steps)
-        demos = load_offline(cfg, ckpt, actor0, bonus, need_rewards=False, log=lambda *a: None)
+        fc = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
+                                       f"finetune.update={rule}", "run.progress=false"]).finetune
         for kind in ("zero", "noise"):
             for n in args.samples:
                 kls, shifts, epochs = [], [], []

@@ -298,7 +298,7 @@ class FinetuneLearner(RoundLearner):
                 ind, self.recap_thr = recap_indicator(adv, cfg.recap_percentile, cfg.recap_threshold)
                 b = {**b, "indicator": ind}
             if train_actor:
-                a = normalize(adv, center=cfg.center_advantage or cfg.update == "ppo") if cfg.normalize_advantage else adv
+                a = normalize(adv, center=cfg.center_advantage) if cfg.normalize_advantage else adv
                 loss, pm = self._actor_loss(b, a)
                 self._step(self.actor_opt, loss, self.actor.parameters(), "policy")
                 m.update(pm)
