@@ -15,6 +15,11 @@ averaged over ``--repeats`` rounds with different samples. A rule whose expected
 signal should move little; the same figures for the round sizes of ``--samples`` show whether larger
 rounds average the noise out.
 
+A second table follows the walk over ``--drift-rounds`` consecutive signal-free rounds of 800 samples, each
+collected by the policy as the previous rounds left it, for AWR and push-away learning from the last
+``--keep`` rounds (``finetune.keep_rounds``, through the finetuning loop's own ``RecentRounds``): KL from the
+start policy and the mean's shift every 5 rounds.
+
     python bench/noise_round.py [--checkpoint runs/finetune_start/bc_iql_sparse_mix] [--samples 800 2400]
 """
 
@@ -37,7 +42,15 @@ def main() -> int:
     ap.add_argument("--samples", type=int, nargs="+", default=[800, 2400], help="round sizes (states per round)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds per (rule, advantages, size), fresh samples each")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drift-rounds", type=int, default=20, help="consecutive signal-free rounds of the drift table "
+                                                                  "(0: skip it)")
+    ap.add_argument("--keep", type=int, nargs="+", default=[1, 8], help="finetune.keep_rounds values of the drift table")
     args = ap.parse_args()
+    for name in ("samples", "keep"):
+        if min(getattr(args, name)) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if args.repeats < 1 or args.drift_rounds < 0:
+        ap.error("--repeats must be >= 1 and --drift-rounds >= 0")
 
     import numpy as np
     import torch
@@ -84,7 +97,53 @@ def main() -> int:
                         shifts.append(float(((after.mean - before.mean) / before.stddev).norm(dim=-1).mean()))
                     epochs.append(m.get("epochs", 0.0))
                 print(f"| {rule} | {kind} | {n} | {np.mean(epochs):.1f} | {np.mean(kls):.4f} | {np.mean(shifts):.3f} |")
+    if args.drift_rounds:
+        drift_table(args, demos, actor0, value)
     return 0
+
+
+def drift_table(args, demos, actor0, value) -> None:
+    """KL from the start / mean shift after every 5 of ``--drift-rounds`` signal-free rounds, per keep_rounds."""
+    import torch
+
+    from offrl.algos.finetune import FinetuneLearner
+    from offrl.config import load_config
+    from offrl.platform.estimators import Estimator, RecentRounds
+
+    marks = list(range(5, args.drift_rounds + 1, 5)) or [args.drift_rounds]
+    print(f"\n{args.drift_rounds} consecutive rounds of 800 samples, all advantages 0; KL(start || now) / mean "
+          "shift in stds after rounds " + ", ".join(map(str, marks)))
+    print("| rule | keep_rounds | " + " | ".join(f"after {m}" for m in marks) + " |")
+    print("|---|---:|" + "---|" * len(marks))
+    for rule in ("awr", "push_away"):
+        for keep in args.keep:
+            fc = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
+                                           f"finetune.update={rule}", f"finetune.keep_rounds={keep}",
+                                           "run.progress=false"]).finetune
+            g = torch.Generator().manual_seed(args.seed)
+            probe = demos["obs"][torch.randint(0, demos["obs"].shape[0], (2000,), generator=g)]
+            actor = copy.deepcopy(actor0)
+            learner = FinetuneLearner(actor, fc, value=copy.deepcopy(value) if value is not None else None,
+                                      seed=args.seed)
+            recent, est = RecentRounds(keep), Estimator()  # zero advantages: nothing to re-score
+            with torch.no_grad():
+                start = actor.dist(probe)
+            cells = []
+            for r in range(1, args.drift_rounds + 1):
+                obs = demos["obs"][torch.randint(0, demos["obs"].shape[0], (800,), generator=g)]
+                with torch.no_grad():
+                    d = actor.dist(obs)
+                    raw = d.mean + d.stddev * torch.randn(d.mean.shape, generator=g)
+                    batch = {"obs": obs, "actions": raw.clamp(-1, 1), "raw_actions": raw,
+                             "logprob": d.log_prob(raw).sum(-1), "adv": torch.zeros(800), "returns": torch.zeros(800)}
+                learner.update(recent.merge(est, learner, None, batch) if keep > 1 else batch)
+                if r in marks:
+                    with torch.no_grad():
+                        now = actor.dist(probe)
+                        kl = float(torch.distributions.kl_divergence(start, now).sum(-1).mean())
+                        shift = float(((now.mean - start.mean) / start.stddev).norm(dim=-1).mean())
+                    cells.append(f"{kl:.3f} / {shift:.2f}")
+            print(f"| {rule} | {keep} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -539,6 +539,15 @@ class FinetuneConfig(_Checked):
                                       "dividing by the std. false: divide only, so each advantage keeps its sign "
                                       "(with MC's many exact zeros, centring turns them negative and push-away "
                                       "pushes down most of the policy's own actions). PPO always centres.")
+    keep_rounds: int = _f(1, "On-policy AWR and push-away: learn from the samples of the last K rounds, as Peng et "
+                             "al. (2019) run AWR (a buffer of recent samples). Every round the estimator recomputes "
+                             "the advantages of all kept rounds with its current value net or critics (GAE, with "
+                             "fresh lambda-returns for the value net; IQL; SARSA; MC keeps each pair's re-rolled "
+                             "advantage), target_kl measures the step from the policy at the round's start, and "
+                             "push-away's floor stays relative to each sample's own behaviour policy. 1: each "
+                             "round's own samples only. No effect on PPO and RECAP (their ratio and labels need "
+                             "the round's own policy) or on the replay path (it keeps every transition), so one "
+                             "sweep can set it for every rule.")
     push_alpha: float = _f(1.0, "Push-away AWR: weight of the push-down term on negative advantages.")
     push_max: float = _f(1.0, "Push-away AWR: max nats a pushed action's log-likelihood may fall below the "
                               "data-collecting policy's (the bound of the push term).")
@@ -640,6 +649,8 @@ class FinetuneConfig(_Checked):
         if self.update == "recap" and not self.replay and self.offline_ratio >= 1.0:
             raise ConfigError("offline_ratio", "recap on the on-policy path adds offline rows at this share of each "
                                                "minibatch, so it must be < 1")
+        if self.keep_rounds < 1:
+            raise ConfigError("keep_rounds", f"must be >= 1, got {self.keep_rounds}")
         if self.update == "sac":
             if not self.replay:
                 raise ConfigError("update", "sac trains off-policy: set finetune.replay=true")

@@ -29,7 +29,8 @@ Both add ``bc_coef * -mean log pi(a | s)`` over an offline minibatch to every ac
 Batch contract of :meth:`FinetuneLearner.update` (flat ``[B]`` unless noted): obs ``[B, d]``,
 actions ``[B, a]`` (as executed; critics use them), raw_actions ``[B, a]`` (the unclipped sample whose
 log-prob is ``logprob``; optional), logprob (behaviour policy), adv, returns (value targets, GAE only), rewards,
-next_obs ``[B, d]``, terminated (critic training).
+next_obs ``[B, d]``, terminated (critic training), logprob_start (optional: the policy at the round's start,
+for ``approx_kl`` when the batch holds earlier rounds' samples, ``finetune.keep_rounds``).
 """
 
 from __future__ import annotations
@@ -250,8 +251,8 @@ class FinetuneLearner(RoundLearner):
             else:
                 loss, pm = push_away_awr_loss(logp, b["logprob"], adv, cfg.beta, cfg.max_weight, cfg.push_alpha,
                                               cfg.push_max)
-            with torch.no_grad():
-                lr = logp - b["logprob"]
+            with torch.no_grad():  # the step from the policy at the round's start (= behaviour unless keep_rounds > 1)
+                lr = logp - b.get("logprob_start", b["logprob"])
                 pm["approx_kl"] = float(((lr.exp() - 1) - lr).mean())
         return loss, pm
 

@@ -50,16 +50,37 @@ class Estimator:
     def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
         raise NotImplementedError
 
+    def keep(self, rnd: Round, batch: dict) -> dict[str, dict]:
+        """What :class:`RecentRounds` stores of a round to re-score it later: its learning batch (``batch``)."""
+        return {"batch": batch}
+
+    def readvantage(self, learner: Any, kept: dict[str, dict]) -> dict:
+        """A kept earlier round's batch with advantages from the learner as it is now (default: unchanged)."""
+        return kept["batch"]
+
+
+_TRAJ = ("obs", "next_obs", "rewards", "terminated", "truncated")
+
 
 class GAE(Estimator):
     name = "gae"
     needs_value = True
 
     def advantages(self, learner: Any, rnd: Round) -> tuple[dict, dict[str, float]]:
-        d = rnd.data
-        tens = {k: torch.from_numpy(d[k]) for k in ("obs", "next_obs", "rewards", "terminated", "truncated")}
-        adv, ret = learner.gae_advantages(tens)
-        return {**rnd.batch, "adv": adv.reshape(-1), "returns": ret.reshape(-1)}, {}
+        tens = {k: torch.from_numpy(rnd.data[k]) for k in _TRAJ}
+        return self._score(learner, rnd.batch, tens), {}
+
+    @staticmethod
+    def _score(learner: Any, batch: dict, traj: dict) -> dict:
+        adv, ret = learner.gae_advantages(traj)
+        return {**batch, "adv": adv.reshape(-1), "returns": ret.reshape(-1)}
+
+    def keep(self, rnd: Round, batch: dict) -> dict[str, dict]:
+        return {"batch": batch, "traj": {k: torch.from_numpy(rnd.data[k]) for k in _TRAJ}}
+
+    def readvantage(self, learner: Any, kept: dict[str, dict]) -> dict:
+        """GAE and lambda-returns of the kept ``[T, N]`` rollout with the current value net (AWR's TD(lambda))."""
+        return self._score(learner, kept["batch"], kept["traj"])
 
 
 class Critic(Estimator):
@@ -75,6 +96,55 @@ class Critic(Estimator):
             return dict(rnd.batch), {}
         b = rnd.batch
         return {**b, "adv": learner.critic_advantages(b["obs"], b["actions"])}, {}
+
+    def readvantage(self, learner: Any, kept: dict[str, dict]) -> dict:
+        b = kept["batch"]
+        return {**b, "adv": learner.critic_advantages(b["obs"], b["actions"])}
+
+
+class RecentRounds:
+    """The samples of the last ``keep`` rounds, for on-policy AWR and push-away (``finetune.keep_rounds``).
+
+    Peng et al. (2019) run AWR on a buffer of recent samples rather than on one batch: each round's
+    regression then averages over several rounds' exploration, instead of refitting the policy to one
+    round's noise. :meth:`merge` adds a round and returns the round's batch followed by the kept earlier
+    rounds', whose advantages the estimator recomputes with the current value net or critics (MC keeps each
+    pair's re-rolled advantage), plus ``logprob_start``: the current policy's log-prob of every action, the
+    reference of the round's trust region. ``logprob`` stays each sample's behaviour log-prob (push-away's
+    floor).
+    """
+
+    def __init__(self, keep: int):
+        self.keep = int(keep)
+        self.rounds: list[dict[str, dict]] = []
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def merge(self, estimator: Estimator, learner: Any, rnd: Round, batch: dict) -> dict:
+        kept = self.rounds[max(0, len(self.rounds) - (self.keep - 1)):] if self.keep > 1 else []
+        older = [estimator.readvantage(learner, k) for k in kept]
+        self.rounds = (self.rounds + [estimator.keep(rnd, batch)])[-self.keep:]
+        parts = [batch] + older[::-1]  # newest first
+        out = {k: torch.cat([p[k] for p in parts]) for k in batch}
+        with torch.no_grad():
+            out["logprob_start"] = learner.actor.log_prob(out["obs"], out.get("raw_actions", out["actions"]))
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"<round>.<part>.<key>": tensor}`` (oldest round first), for a checkpoint's state tensors."""
+        # cloned: a round's batch and trajectory are views of the same arrays, which safetensors refuses to save
+        return {f"{i}.{part}.{k}": v.clone() for i, r in enumerate(self.rounds) for part, d in r.items()
+                for k, v in d.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], n_rounds: int) -> None:
+        rounds: list[dict[str, dict]] = [{} for _ in range(int(n_rounds))]
+        for name, v in tensors.items():
+            if name.startswith("_"):  # the placeholder of an empty set
+                continue
+            i, part, k = name.split(".", 2)
+            rounds[int(i)].setdefault(part, {})[k] = v
+        self.rounds = rounds
 
 
 class OwnCritics(Estimator):

@@ -165,7 +165,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     from offrl.algos.rewards import add_success_bonus, auto_success_bonus
     from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint, load_state_tensors, save_checkpoint
     from offrl.platform.cluster import init_ray
-    from offrl.platform.estimators import Round, make_estimator
+    from offrl.platform.estimators import RecentRounds, Round, make_estimator
     from offrl.platform.evaluate import eval_metrics, evaluate, write_eval_json
     from offrl.platform.jobs import progress
     from offrl.platform.logger import MetricLogger
@@ -205,6 +205,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed, offline=offline)
         rng = np.random.default_rng(cfg.seed)
         estimator = make_estimator(cfg, pool, bonus, rng)
+        keeps = fc.keep_rounds > 1 and not fc.replay and fc.update in ("awr", "push_away")
+        recent = RecentRounds(fc.keep_rounds) if keeps else None
         T, N = fc.steps_per_iter, pool.num_envs
 
         def do_eval() -> dict:
@@ -222,6 +224,9 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                 st = learner.replay.state_dict()
                 extra["replay_added"] = st["added"]
                 tensors["replay"] = st["rows"]
+            if recent is not None:
+                extra["recent_rounds"] = len(recent)
+                tensors["recent"] = recent.state_dict()
             return save_checkpoint(root or run_dir / "checkpoints", step, learner.modules(),
                                    optimizers=learner.optimizers(), generators=learner.generators(), config=to_dict(cfg),
                                    keep=keep, extra_state=extra, state_tensors=tensors)
@@ -243,6 +248,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             if learner.replay is not None:
                 learner.replay.load_state_dict({"rows": load_state_tensors(resume_from, "replay"),
                                                 "added": state["replay_added"]})
+            if recent is not None:
+                recent.load_state_dict(load_state_tensors(resume_from, "recent"), state["recent_rounds"])
             start, last = state["start_eval"], state["last_eval"]
             best["value"] = float(state.get("best_eval", -math.inf))
             logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
@@ -288,8 +295,11 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             row: dict[str, float] = {M.ENV_SPS: T * N / t_roll, M.ENV_STEPS: env_steps}
             batch = {k: _flat(data[k]) for k in ("obs", "actions", "raw_actions", "logprob", "rewards", "next_obs",
                                                  "terminated")}
-            batch, extra = estimator.advantages(learner, Round(it, spec, results, data, batch))
+            rnd = Round(it, spec, results, data, batch)
+            batch, extra = estimator.advantages(learner, rnd)
             row.update(extra)
+            if recent is not None:  # the kept earlier rounds join, re-scored with the current value net / critics
+                batch = recent.merge(estimator, learner, rnd, batch)
             # GAE's value net and SAC's fresh Q ensemble learn alone for the first value_warmup_iters rounds
             train_actor = not ((fc.advantage == "gae" or fc.update == "sac") and it <= fc.value_warmup_iters)
             t_upd = time.perf_counter()

@@ -113,6 +113,18 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
     assert json.loads((run / "finetune_summary.json").read_text())["replay"] == ("finetune.replay=true" in extra)
 
 
+@pytest.mark.parametrize("adv, upd, per_round, kept", [("mc", "push_away", 8, 2), ("iql", "awr", 32, 2),
+                                                       ("gae", "ppo", 32, 1)])
+def test_kept_rounds_join_each_rounds_batch(tmp_path, bc_iql_checkpoint, adv, upd, per_round, kept, ray_cluster):
+    """finetune.keep_rounds=2: from the second round on, AWR and push-away learn from both rounds' samples (MC:
+    its re-rolled pairs); PPO, whose ratio needs the round's own policy, ignores the key."""
+    run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "finetune.keep_rounds=2",
+                                "finetune.iterations=3", "finetune.eval_every=3"), log=lambda *a: None)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [float(r["charts/advantage_samples"]) for r in rows[1:]] == [per_round, kept * per_round, kept * per_round]
+    assert all(np.isfinite(float(r["losses/approx_kl"])) for r in rows[2:])  # GAE: round 1 trains V only
+
+
 RECAP = [("gae", ["finetune.recap_cfg_weight=1.0", "critic.distributional={bins: 21, v_min: 0.0, v_max: 10.0}"]),
          ("mc", ["finetune.recap_threshold=0.0"]),
          ("iql", ["finetune.replay=true", "finetune.updates_per_round=5", "finetune.batch_size=32",
@@ -180,10 +192,12 @@ def _same_weights(a, b):
 
 RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32"]),
            ("mc", "ppo", ["finetune.bc_coef=0.2"]),
-           ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"])]
+           ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
+           ("gae", "push_away", ["finetune.keep_rounds=3"])]  # cut with 2 kept rounds; round 4 drops round 1
 
 
-@pytest.mark.parametrize("adv, upd, extra", RESUMED, ids=["iql-push_away-replay", "mc-ppo-bc", "sarsa-recap"])
+@pytest.mark.parametrize("adv, upd, extra", RESUMED,
+                         ids=["iql-push_away-replay", "mc-ppo-bc", "sarsa-recap", "gae-push_away-kept"])
 def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
     """A run cut after round 2 and resumed to round 4 logs the same metrics and ends with the same weights as
     a run that went straight to round 4 (networks, optimizers, RNGs, re-rollout counter, replay buffer)."""
