@@ -68,9 +68,32 @@ class QEnsemble(nn.Module):
         self.normalizer = RunningNorm(obs_dim)
         self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, 1, hidden, activation, layer_norm) for _ in range(size)])
 
+    batched = False  # class default; QEnsemble.batched = True (or per instance) takes the batched path
+
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.normalizer(obs), actions], -1)
+        if self.batched:
+            return self._forward_batched(x)
         return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+    def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as the loop over heads, as one batched matrix product a layer: each layer's
+        weights are stacked to ``[E, out, in]`` on the fly (the parameters stay per head, so checkpoints and
+        optimizers do not change). Fewer, larger kernels: what a GPU wants; on one CPU core it is a wash."""
+        heads = list(self.heads)
+        h = x.unsqueeze(0).expand(len(heads), *x.shape)                      # [E, B, in]
+        for i, layer in enumerate(heads[0]):
+            if isinstance(layer, nn.Linear):
+                w = torch.stack([hd[i].weight for hd in heads])                # [E, out, in]
+                b = torch.stack([hd[i].bias for hd in heads]).unsqueeze(1)     # [E, 1, out]
+                h = torch.baddbmm(b, h, w.transpose(1, 2))
+            elif isinstance(layer, nn.LayerNorm):
+                h = nn.functional.layer_norm(h, layer.normalized_shape, eps=layer.eps)
+                h = (h * torch.stack([hd[i].weight for hd in heads]).unsqueeze(1)
+                     + torch.stack([hd[i].bias for hd in heads]).unsqueeze(1))
+            else:
+                h = layer(h)                                                   # the activation, elementwise
+        return h.squeeze(-1)
 
 
 class SACCritics(nn.Module):
@@ -93,7 +116,7 @@ class SACCritics(nn.Module):
 def _sample(actor: GaussianActor, obs: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reparameterised (action in bounds, log-prob) with gradients through the mean and the std."""
     d = actor.dist(obs)
-    eps = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype)
+    eps = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype, device=d.mean.device)
     pre = d.mean + d.stddev * eps
     if actor.squash == "tanh":
         u = torch.tanh(pre)
@@ -155,32 +178,13 @@ class SACLearner(RoundLearner):
 
     def update_replay(self, train_actor: bool = True) -> dict[str, float]:
         """``updates_per_round`` steps: critics on every minibatch, then actor and temperature."""
-        cfg, c = self.cfg, self.critics
+        cfg = self.cfg
         actor_on, actor_steps = train_actor, 0   # the round's trust region (target_kl) can end the actor early
 
         def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
             nonlocal actor_on, actor_steps
-            y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
-                                  cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
-            qs = c.q(b["obs"], b["actions"])
-            q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
-            self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
-            c.polyak(cfg.sac_tau)
-            m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}
+            m = self.gradient_step(b, actor_on)
             if actor_on:
-                a, logp = _sample(self.actor, b["obs"], self.gen)
-                alpha = c.log_alpha.exp().detach()
-                pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
-                loss = pi_loss + cfg.sac_bound_coef * out_of_bounds(self.actor, b["obs"])
-                if cfg.bc_coef > 0:
-                    bc = self.bc_loss(b["obs"].shape[0])
-                    loss = loss + cfg.bc_coef * bc
-                    m["bc_loss"] = float(bc.detach())
-                self._step(self.actor_opt, loss, self.actor.parameters(), "actor")
-                a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
-                self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
-                m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
-                         alpha=float(c.log_alpha.exp().detach()))
                 actor_steps += 1
                 if cfg.target_kl is not None and self.kl_from_round_start() > cfg.target_kl:
                     actor_on = False
@@ -190,6 +194,34 @@ class SACLearner(RoundLearner):
         if train_actor:
             out["actor_steps"] = float(actor_steps)
         return out
+
+    def gradient_step(self, b: Mapping[str, torch.Tensor], train_actor: bool = True) -> dict[str, float]:
+        """One gradient step on minibatch ``b``: the critics, then (``train_actor``) actor and temperature.
+        Runs on whatever device the modules and ``b`` are on (``bench/sac_step_cost.py`` times it)."""
+        cfg, c = self.cfg, self.critics
+        y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
+                              cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
+        qs = c.q(b["obs"], b["actions"])
+        q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
+        self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
+        c.polyak(cfg.sac_tau)
+        m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}
+        if not train_actor:
+            return m
+        a, logp = _sample(self.actor, b["obs"], self.gen)
+        alpha = c.log_alpha.exp().detach()
+        pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
+        loss = pi_loss + cfg.sac_bound_coef * out_of_bounds(self.actor, b["obs"])
+        if cfg.bc_coef > 0:
+            bc = self.bc_loss(b["obs"].shape[0])
+            loss = loss + cfg.bc_coef * bc
+            m["bc_loss"] = float(bc.detach())
+        self._step(self.actor_opt, loss, self.actor.parameters(), "actor")
+        a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
+        m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
+                 alpha=float(c.log_alpha.exp().detach()))
+        return m
 
     # -- checkpoint plumbing (the rest comes from RoundLearner)
     def modules(self) -> dict[str, nn.Module]:

@@ -1,5 +1,6 @@
 """RLPD-style SAC: the TD target, learning on a one-step task, and the temperature's direction."""
 
+import pytest
 import torch
 
 from offrl.algos.networks import GaussianActor
@@ -135,3 +136,69 @@ def test_bc_mean_only_moves_the_mean_as_the_full_term_does_and_leaves_the_std():
     for n in grads[False]:
         if n != "log_std":
             assert torch.allclose(grads[True][n], grads[False][n], atol=1e-7), n
+
+
+def test_a_round_is_its_gradient_steps_on_the_mixed_minibatches():
+    """update_replay = gradient_step on each minibatch the round draws (the step bench/sac_step_cost.py times)."""
+    from offrl.algos.replay import mixed_batch
+
+    a, b = _learner(updates_per_round=3), _learner(updates_per_round=3)
+    g = torch.Generator().manual_seed(4)
+    data = _bandit(256, g)
+    a.replay.add(data)
+    b.replay.add(data)
+    a.update_replay()
+    for _ in range(3):
+        b.gradient_step(mixed_batch(b.replay, None, 64, 0.0, b.gen))
+    for pa, pb in zip(list(a.actor.parameters()) + list(a.critics.parameters()),
+                      list(b.actor.parameters()) + list(b.critics.parameters())):
+        assert torch.equal(pa, pb)
+    assert torch.equal(a.gen.get_state(), b.gen.get_state())
+
+
+@pytest.mark.gpu
+def test_the_gradient_step_runs_on_a_gpu():
+    lr = _learner()
+    lr.actor.to("cuda")
+    lr.critics.to("cuda")
+    lr.gen = None
+    b = {k: v.to("cuda") for k, v in _bandit(64, torch.Generator().manual_seed(5)).items()}
+    before = [p.detach().clone() for p in lr.critics.q.parameters()]
+    m = lr.gradient_step(b)
+    assert all(p.is_cuda for p in lr.critics.parameters())
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, lr.critics.q.parameters()))
+    assert m["critic_loss"] >= 0 and "alpha" in m
+
+
+def test_step_cost_bench_prints_a_table_and_refuses_bad_sizes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "sac_step_cost.py"
+    ok = subprocess.run([sys.executable, str(script), "--devices", "cpu", "--ensembles", "2", "--steps", "2",
+                         "--warmup", "1", "--hidden", "16", "--forwards", "loop", "batched"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    rows = [ln.split("|") for ln in ok.stdout.splitlines() if ln.startswith("| cpu | 2 |")]
+    assert [r[3].strip() for r in rows] == ["loop", "batched"] and rows[0][5].strip() == "1.000"
+    assert float(rows[1][4]) > 0
+    bad = subprocess.run([sys.executable, str(script), "--steps", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_batched_ensemble_is_the_same_function_with_the_same_gradients():
+    from offrl.algos.sac import QEnsemble
+
+    torch.manual_seed(0)
+    q = QEnsemble(5, 2, hidden=(16, 16), size=4)
+    obs, act = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
+    loop = q(obs, act)
+    loop.pow(2).sum().backward()
+    g_loop = [p.grad.clone() for p in q.parameters()]
+    q.zero_grad()
+    q.batched = True
+    batched = q(obs, act)
+    batched.pow(2).sum().backward()
+    assert batched.shape == loop.shape == (4, 32)
+    assert torch.allclose(batched, loop, atol=1e-5)
+    assert all(torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(g_loop, q.parameters()))
