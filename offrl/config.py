@@ -583,6 +583,11 @@ class FinetuneConfig(_Checked):
     replay_size: int = _f(1_000_000, "replay: capacity of the replay buffer (oldest transitions dropped first).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
+    ref_kl_coef: float = _f(0.0, "Anchor to the start policy: ref_kl_coef * KL(start policy || policy) on each "
+                                 "minibatch's states, added to every actor loss of PPO, AWR, push-away and RECAP "
+                                 "(on-policy and replay paths; not sac). Needs no offline data: without a signal the "
+                                 "rounds' steps then revert towards the start instead of adding up to a walk "
+                                 "(bench/noise_round.py). 0: off.")
     bc_mean_only: bool = _f(False, "The DAPG term moves the policy's mean only: its log-likelihood takes the "
                                    "std as a constant, so the std is left to the rule's own terms. With sac "
                                    "the full log-likelihood shrinks the std below the target entropy and the "
@@ -635,6 +640,10 @@ class FinetuneConfig(_Checked):
             raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
         if self.bc_coef < 0:
             raise ConfigError("bc_coef", f"must be >= 0, got {self.bc_coef}")
+        if not (math.isfinite(self.ref_kl_coef) and self.ref_kl_coef >= 0):
+            raise ConfigError("ref_kl_coef", f"must be a finite number >= 0, got {self.ref_kl_coef}")
+        if self.ref_kl_coef > 0 and self.update == "sac":
+            raise ConfigError("ref_kl_coef", "is not used by sac (its actor is held by bc_coef and target_kl)")
         if not (math.isfinite(self.recap_percentile) and 0.0 < self.recap_percentile < 100.0):
             raise ConfigError("recap_percentile", f"must be in (0, 100), got {self.recap_percentile}")
         if self.recap_threshold is not None and not math.isfinite(self.recap_threshold):

@@ -67,6 +67,7 @@ WF_ACTION_MSE = "workflow/action_mse"                # ||mu(s) - a_data||^2 on h
 ENTROPY = "losses/entropy"
 CRITIC_LOSS = "losses/critic_loss"
 BC_LOSS = "losses/bc_loss"
+REF_KL = "losses/ref_kl"                             # KL(start policy || policy) on the minibatches (ref_kl_coef > 0)
 OFFLINE_FRACTION = "charts/offline_fraction"
 GRAD_STEPS = "charts/grad_steps"
 REPLAY_SIZE = "charts/replay_size"

@@ -35,6 +35,7 @@ for ``approx_kl`` when the batch holds earlier rounds' samples, ``finetune.keep_
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -133,6 +134,8 @@ class FinetuneLearner(RoundLearner):
         if critics is not None and cfg.critic_online and cfg.advantage in ("iql", "sarsa"):
             self.critic_opt = torch.optim.Adam(list(critics.v.parameters()) + list(critics.q.parameters()),
                                                lr=cfg.critic_lr)
+        # the start policy, frozen: the anchor of ref_kl_coef (saved with the checkpoint for an exact --resume)
+        self.ref_actor = copy.deepcopy(actor).requires_grad_(False) if cfg.ref_kl_coef > 0 else None
         self.recap_thr = 0.0  # the indicator threshold of the latest round (on-policy) or minibatch (replay)
         self._init_rounds(seed)
 
@@ -224,7 +227,17 @@ class FinetuneLearner(RoundLearner):
             bc = self.bc_loss(b["obs"].shape[0])
             loss = loss + cfg.bc_coef * bc
             pm["bc_loss"] = float(bc.detach())
+        if self.ref_actor is not None:
+            kl = self.ref_kl(b["obs"])
+            loss = loss + cfg.ref_kl_coef * kl
+            pm["ref_kl"] = float(kl.detach())
         return loss, pm
+
+    def ref_kl(self, obs: torch.Tensor) -> torch.Tensor:
+        """mean over ``obs`` of KL(start policy(. | s) || policy(. | s)), summed over action dimensions."""
+        with torch.no_grad():
+            ref = self.ref_actor.dist(obs)
+        return torch.distributions.kl_divergence(ref, self.actor.dist(obs)).sum(-1).mean()
 
     def _rule_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of ``finetune.update`` alone on a minibatch."""
@@ -310,6 +323,8 @@ class FinetuneLearner(RoundLearner):
     # ----------------------------------------------------------------------------- checkpoint
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"actor": self.actor}
+        if self.ref_actor is not None:
+            mods["ref_actor"] = self.ref_actor
         if self.value is not None:
             mods["value"] = self.value
         if self.critics is not None:

@@ -193,7 +193,8 @@ def _same_weights(a, b):
 RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32"]),
            ("mc", "ppo", ["finetune.bc_coef=0.2"]),
            ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
-           ("gae", "push_away", ["finetune.keep_rounds=3"])]  # cut with 2 kept rounds; round 4 drops round 1
+           ("gae", "push_away", ["finetune.keep_rounds=3", "finetune.ref_kl_coef=0.5"])]  # cut with 2 kept rounds;
+# round 4 drops round 1; the anchor's start policy comes back from the checkpoint
 
 
 @pytest.mark.parametrize("adv, upd, extra", RESUMED,
@@ -209,6 +210,12 @@ def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, 
     ra, rb = _comparable(straight), _comparable(cut)
     assert [r["step"] for r in rb] == ["0", "32", "64", "96", "128"]
     assert ra == rb
+    if "finetune.ref_kl_coef=0.5" in extra:  # the anchor acted, and its start policy is in the checkpoint
+        assert any(float(r.get("losses/ref_kl") or 0) > 0 for r in ra)
+        from safetensors.torch import load_file
+
+        saved = load_file(str(cut / "checkpoints" / "128" / "model.safetensors"))
+        assert any(k.startswith("ref_actor.") for k in saved)
     _same_weights(straight / "checkpoints" / "128", cut / "checkpoints" / "128")
     assert json.loads((straight / "finetune_summary.json").read_text()) == \
         json.loads((cut / "finetune_summary.json").read_text())
