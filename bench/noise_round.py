@@ -18,7 +18,8 @@ rounds average the noise out.
 A second table follows the walk over ``--drift-rounds`` consecutive signal-free rounds of 800 samples, each
 collected by the policy as the previous rounds left it, for AWR and push-away learning from the last
 ``--keep`` rounds (``finetune.keep_rounds``, through the finetuning loop's own ``RecentRounds``): KL from the
-start policy and the mean's shift every 5 rounds.
+start policy and the mean's shift every 5 rounds; ``--ref-kl`` adds rows with the anchor to the start
+policy (``finetune.ref_kl_coef``).
 
     python bench/noise_round.py [--checkpoint runs/finetune_start/bc_iql_sparse_mix] [--samples 800 2400]
 """
@@ -45,12 +46,16 @@ def main() -> int:
     ap.add_argument("--drift-rounds", type=int, default=20, help="consecutive signal-free rounds of the drift table "
                                                                   "(0: skip it)")
     ap.add_argument("--keep", type=int, nargs="+", default=[1, 8], help="finetune.keep_rounds values of the drift table")
+    ap.add_argument("--ref-kl", type=float, nargs="+", default=[0.0, 1.0],
+                    help="finetune.ref_kl_coef values of the drift table (the anchor to the start policy)")
     args = ap.parse_args()
     for name in ("samples", "keep"):
         if min(getattr(args, name)) < 1:
             ap.error(f"--{name} must be >= 1")
     if args.repeats < 1 or args.drift_rounds < 0:
         ap.error("--repeats must be >= 1 and --drift-rounds >= 0")
+    if not all(np_finite_nonneg(v) for v in args.ref_kl):
+        ap.error("--ref-kl values must be finite and >= 0")
 
     import numpy as np
     import torch
@@ -102,6 +107,12 @@ def main() -> int:
     return 0
 
 
+def np_finite_nonneg(v: float) -> bool:
+    import math
+
+    return math.isfinite(v) and v >= 0
+
+
 def drift_table(args, demos, actor0, value) -> None:
     """KL from the start / mean shift after every 5 of ``--drift-rounds`` signal-free rounds, per keep_rounds."""
     import torch
@@ -113,37 +124,36 @@ def drift_table(args, demos, actor0, value) -> None:
     marks = list(range(5, args.drift_rounds + 1, 5)) or [args.drift_rounds]
     print(f"\n{args.drift_rounds} consecutive rounds of 800 samples, all advantages 0; KL(start || now) / mean "
           "shift in stds after rounds " + ", ".join(map(str, marks)))
-    print("| rule | keep_rounds | " + " | ".join(f"after {m}" for m in marks) + " |")
-    print("|---|---:|" + "---|" * len(marks))
-    for rule in ("awr", "push_away"):
-        for keep in args.keep:
-            fc = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
-                                           f"finetune.update={rule}", f"finetune.keep_rounds={keep}",
-                                           "run.progress=false"]).finetune
-            g = torch.Generator().manual_seed(args.seed)
-            probe = demos["obs"][torch.randint(0, demos["obs"].shape[0], (2000,), generator=g)]
-            actor = copy.deepcopy(actor0)
-            learner = FinetuneLearner(actor, fc, value=copy.deepcopy(value) if value is not None else None,
-                                      seed=args.seed)
-            recent, est = RecentRounds(keep), Estimator()  # zero advantages: nothing to re-score
+    print("| rule | keep_rounds | ref_kl_coef | " + " | ".join(f"after {m}" for m in marks) + " |")
+    print("|---|---:|---:|" + "---|" * len(marks))
+    for rule, keep, ref in [(r, k, c) for r in ("awr", "push_away") for k in args.keep for c in args.ref_kl]:
+        fc = load_config(args.config, [f"finetune.checkpoint={args.checkpoint}", "finetune.advantage=gae",
+                                       f"finetune.update={rule}", f"finetune.keep_rounds={keep}",
+                                       f"finetune.ref_kl_coef={ref}", "run.progress=false"]).finetune
+        g = torch.Generator().manual_seed(args.seed)
+        probe = demos["obs"][torch.randint(0, demos["obs"].shape[0], (2000,), generator=g)]
+        actor = copy.deepcopy(actor0)
+        learner = FinetuneLearner(actor, fc, value=copy.deepcopy(value) if value is not None else None,
+                                  seed=args.seed)
+        recent, est = RecentRounds(keep), Estimator()  # zero advantages: nothing to re-score
+        with torch.no_grad():
+            start = actor.dist(probe)
+        cells = []
+        for r in range(1, args.drift_rounds + 1):
+            obs = demos["obs"][torch.randint(0, demos["obs"].shape[0], (800,), generator=g)]
             with torch.no_grad():
-                start = actor.dist(probe)
-            cells = []
-            for r in range(1, args.drift_rounds + 1):
-                obs = demos["obs"][torch.randint(0, demos["obs"].shape[0], (800,), generator=g)]
+                d = actor.dist(obs)
+                raw = d.mean + d.stddev * torch.randn(d.mean.shape, generator=g)
+                batch = {"obs": obs, "actions": raw.clamp(-1, 1), "raw_actions": raw,
+                         "logprob": d.log_prob(raw).sum(-1), "adv": torch.zeros(800), "returns": torch.zeros(800)}
+            learner.update(recent.merge(est, learner, None, batch) if keep > 1 else batch)
+            if r in marks:
                 with torch.no_grad():
-                    d = actor.dist(obs)
-                    raw = d.mean + d.stddev * torch.randn(d.mean.shape, generator=g)
-                    batch = {"obs": obs, "actions": raw.clamp(-1, 1), "raw_actions": raw,
-                             "logprob": d.log_prob(raw).sum(-1), "adv": torch.zeros(800), "returns": torch.zeros(800)}
-                learner.update(recent.merge(est, learner, None, batch) if keep > 1 else batch)
-                if r in marks:
-                    with torch.no_grad():
-                        now = actor.dist(probe)
-                        kl = float(torch.distributions.kl_divergence(start, now).sum(-1).mean())
-                        shift = float(((now.mean - start.mean) / start.stddev).norm(dim=-1).mean())
-                    cells.append(f"{kl:.3f} / {shift:.2f}")
-            print(f"| {rule} | {keep} | " + " | ".join(cells) + " |")
+                    now = actor.dist(probe)
+                    kl = float(torch.distributions.kl_divergence(start, now).sum(-1).mean())
+                    shift = float(((now.mean - start.mean) / start.stddev).norm(dim=-1).mean())
+                cells.append(f"{kl:.3f} / {shift:.2f}")
+        print(f"| {rule} | {keep} | {ref:g} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
