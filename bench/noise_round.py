@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 
@@ -54,7 +55,7 @@ def main() -> int:
             ap.error(f"--{name} must be >= 1")
     if args.repeats < 1 or args.drift_rounds < 0:
         ap.error("--repeats must be >= 1 and --drift-rounds >= 0")
-    if not all(np_finite_nonneg(v) for v in args.ref_kl):
+    if not all(math.isfinite(v) and v >= 0 for v in args.ref_kl):
         ap.error("--ref-kl values must be finite and >= 0")
 
     import numpy as np
@@ -105,12 +106,6 @@ def main() -> int:
     if args.drift_rounds:
         drift_table(args, demos, actor0, value)
     return 0
-
-
-def np_finite_nonneg(v: float) -> bool:
-    import math
-
-    return math.isfinite(v) and v >= 0
 
 
 def drift_table(args, demos, actor0, value) -> None:

@@ -67,8 +67,7 @@ class QEnsemble(nn.Module):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
         self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, 1, hidden, activation, layer_norm) for _ in range(size)])
-
-    batched = False  # class default; QEnsemble.batched = True (or per instance) takes the batched path
+        self.batched = False  # True: the batched forward (the same function; see _forward_batched)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.normalizer(obs), actions], -1)
@@ -83,14 +82,13 @@ class QEnsemble(nn.Module):
         heads = list(self.heads)
         h = x.unsqueeze(0).expand(len(heads), *x.shape)                      # [E, B, in]
         for i, layer in enumerate(heads[0]):
-            if isinstance(layer, nn.Linear):
-                w = torch.stack([hd[i].weight for hd in heads])                # [E, out, in]
+            if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+                w = torch.stack([hd[i].weight for hd in heads])                # [E, out, in] or [E, out]
                 b = torch.stack([hd[i].bias for hd in heads]).unsqueeze(1)     # [E, 1, out]
+            if isinstance(layer, nn.Linear):
                 h = torch.baddbmm(b, h, w.transpose(1, 2))
             elif isinstance(layer, nn.LayerNorm):
-                h = nn.functional.layer_norm(h, layer.normalized_shape, eps=layer.eps)
-                h = (h * torch.stack([hd[i].weight for hd in heads]).unsqueeze(1)
-                     + torch.stack([hd[i].bias for hd in heads]).unsqueeze(1))
+                h = nn.functional.layer_norm(h, layer.normalized_shape, eps=layer.eps) * w.unsqueeze(1) + b
             else:
                 h = layer(h)                                                   # the activation, elementwise
         return h.squeeze(-1)

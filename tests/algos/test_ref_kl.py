@@ -59,7 +59,6 @@ def test_signal_free_rounds_walk_less_far_with_the_anchor(update):
             lr.update(b)
         with torch.no_grad():
             walked[coef] = float(torch.distributions.kl_divergence(start.dist(obs), lr.actor.dist(obs)).sum(-1).mean())
-    print(update, walked)
     assert walked[0.0] > 0.05
     assert walked[1.0] < 0.5 * walked[0.0]
 
