@@ -10,6 +10,12 @@ in one CPU env and reads ManiSkill's own ``evaluate()`` flags every step:
   distance it reached is reported, so "stopped short" and "never got near" can be told apart;
 * ``never_grasped``.
 
+For the episodes that grasped the cube and never placed it, it also asks the scripted expert
+(:class:`offrl.envs.experts.PickCubeExpert`, its state machine resumed from the scene) what it would do in
+the episode's last states, and prints how many of those episodes *stalled*: over the last 5 steps the policy
+commands less than 0.05 of arm motion (``|a_xyz|``) where the expert commands more than 0.2. For them it
+prints where the cube stopped: its horizontal and vertical distance from the goal, and the expert's command.
+
     python bench/failure_modes.py CHECKPOINT [--episodes 30] [--seed 1000000000] [--steps 100]
                                   [policy.action_horizon=12 ...]
 """
@@ -63,6 +69,10 @@ def main() -> int:
                           autoreset=False)
     sim.ignore_terminations = True
     u = sim.envs[0].unwrapped
+    from offrl.envs.experts import PickCubeExpert
+
+    expert = PickCubeExpert(1)
+    tail = 5  # the last steps a stall is judged on
     records = []
     for ep in range(args.episodes):
         seed = args.seed + ep
@@ -70,8 +80,17 @@ def main() -> int:
         obs = sim.reset(seed=seed)
         grasped = placed = success = False
         closest, first = np.inf, None
+        last: list = []
         for t in range(args.steps):
-            obs, _, _, _, info = sim.step(policy(obs, sim)[0])
+            act = np.asarray(policy(obs, sim)[0], np.float64)
+            if t >= args.steps - tail and bool(u.evaluate()["is_grasped"][0]):
+                priv = expert.privileged(u)
+                expert.resume(priv, [0], [u])
+                ex = np.clip(expert.clean_action(priv), -1.0, 1.0)[0]
+                off = priv["cube"][0] - priv["goal"][0]
+                last.append((float(np.linalg.norm(act[0, :3])), float(np.linalg.norm(ex[:3])),
+                             float(np.linalg.norm(off[:2])), float(off[2]), ex[:3].round(2).tolist()))
+            obs, _, _, _, info = sim.step(act)
             ev = u.evaluate()
             grasped |= bool(ev["is_grasped"][0])
             placed |= bool(ev["is_obj_placed"][0])
@@ -81,7 +100,13 @@ def main() -> int:
             closest = min(closest, float((u.goal_site.pose.p - u.cube.pose.p).norm()))
         kind = ("success" if success else "placed_not_static" if placed else
                 "grasped_not_placed" if grasped else "never_grasped")
-        records.append({"seed": seed, "kind": kind, "closest_to_goal_m": closest, "first_success_step": first})
+        rec = {"seed": seed, "kind": kind, "closest_to_goal_m": closest, "first_success_step": first}
+        if kind == "grasped_not_placed" and len(last) == tail:
+            pol, exp = np.mean([x[0] for x in last]), np.mean([x[1] for x in last])
+            rec.update(stalled=bool(pol < 0.05 and exp > 0.2), policy_arm_command=float(pol),
+                       expert_arm_command=float(exp), end_xy_from_goal_m=last[-1][2], end_z_minus_goal_m=last[-1][3],
+                       expert_command=last[-1][4])
+        records.append(rec)
         print(f"seed {seed}: {kind}, closest to goal {closest * 100:.1f} cm"
               + (f", first success at step {first}" if first else ""), flush=True)
     sim.close()
@@ -96,6 +121,18 @@ def main() -> int:
               f"(success needs < 2.5 cm)")
     if steps:
         print(f"  first success at step: median {np.median(steps):.0f}, max {max(steps)}")
+    judged = [r for r in records if "stalled" in r]
+    stalled = [r for r in judged if r["stalled"]]
+    if judged:
+        print(f"  grasped_not_placed and holding the cube at the end: {len(judged)}; stalled (policy |a_xyz| < 0.05 "
+              f"over the last {tail} steps where the scripted expert commands > 0.2): {len(stalled)}")
+    if stalled:
+        xy = np.median([r["end_xy_from_goal_m"] for r in stalled]) * 100
+        z = np.median([abs(r["end_z_minus_goal_m"]) for r in stalled]) * 100
+        share = np.median([abs(r["expert_command"][2]) / max(np.linalg.norm(r["expert_command"]), 1e-9)
+                           for r in stalled])
+        print(f"  stalled: cube from goal median {xy:.1f} cm horizontally, {z:.1f} cm vertically; "
+              f"the expert's command is median {share:.2f} vertical (|dz| / |a_xyz|)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": str(ckpt), "overrides": args.overrides, "episodes": records}, f, indent=1)

@@ -115,6 +115,10 @@ class PolicyConfig(_Checked):
     min_log_std: float = _f(-3.0, "Floor of the Gaussian's log std (mlp): keeps maximum-likelihood BC from "
                                   "collapsing the std onto the training actions.")
     squash: Literal["clip", "tanh"] = _f("clip", "How sampled actions are mapped into the action bounds (mlp).")
+    obs_ignore: tuple[str, ...] = _f(
+        (), "Observation parts the policy does not see (mlp; the critics see everything): field names of the "
+            "task's state observation (e.g. agent/qvel, the joint velocities) or index ranges start:end. The "
+            "parts are held at zero after normalisation, so checkpoints keep the full observation size.")
     obs_horizon: int = _f(2, "To: observations the policy conditions on (mlp_chunk, diffusion).")
     pred_horizon: int = _f(16, "Tp: actions predicted per replanning (mlp_chunk, diffusion).")
     action_horizon: int = _f(8, "Ta: predicted actions executed open-loop before replanning, from the current "
@@ -127,6 +131,8 @@ class PolicyConfig(_Checked):
     def check(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"needs positive widths, got {list(self.hidden)}")
+        if self.obs_ignore and self.kind != "mlp":
+            raise ConfigError("obs_ignore", f"is for policy.kind mlp only, not {self.kind}")
         for name in ("obs_horizon", "pred_horizon", "action_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -69,6 +69,13 @@ def test_errors_name_the_key_path(override, path, words):
     assert "\n" not in str(e.value)
 
 
+def test_obs_ignore_is_for_the_gaussian_mlp_only():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["policy.kind=mlp_chunk", "policy.obs_ignore=[agent/qvel]"])
+    assert e.value.path == "policy.obs_ignore" and "mlp only" in str(e.value)
+    assert load_config(None, ["policy.obs_ignore=[agent/qvel, '0:2']"]).policy.obs_ignore == ("agent/qvel", "0:2")
+
+
 def test_diffusion_needs_a_pred_horizon_the_unet_can_halve():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["policy.kind=diffusion", "policy.pred_horizon=10", "policy.action_horizon=4"])

@@ -92,9 +92,16 @@ class GaussianActor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
                  log_std_init: float = -0.5, squash: str = "clip", action_low: Sequence[float] | None = None,
                  action_high: Sequence[float] | None = None, min_log_std: float | None = None,
-                 indicator: bool = False, guidance: float = 0.0):
+                 indicator: bool = False, guidance: float = 0.0, obs_ignore: Sequence[int] | None = None):
         super().__init__()
         self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
+        # observation entries the policy does not see: held at zero after normalisation (a constant input)
+        self.obs_ignore = sorted({int(i) for i in obs_ignore or ()})
+        if any(not 0 <= i < obs_dim for i in self.obs_ignore):
+            raise ValueError(f"obs_ignore indices must lie in [0, {obs_dim}), got {self.obs_ignore}")
+        keep = torch.ones(obs_dim)
+        keep[self.obs_ignore] = 0.0
+        self.register_buffer("obs_keep", keep, persistent=False)
         # floor of the log std (None: none, as in checkpoints written before the floor existed)
         self.min_log_std = None if min_log_std is None else float(min_log_std)
         self.normalizer = RunningNorm(obs_dim)
@@ -127,6 +134,8 @@ class GaussianActor(nn.Module):
         """pi(. | s), or for an indicator policy pi(. | s, cond) with ``cond`` ``[B]`` indicator values;
         without ``cond`` an indicator policy is the guided positive one (see the class docstring)."""
         x = self.normalizer(obs)
+        if self.obs_ignore:
+            x = x * self.obs_keep.to(x.dtype)
         if self.indicator is None:
             if cond is not None:
                 raise ValueError("this policy takes no indicator (built without indicator=True)")

@@ -410,13 +410,70 @@ def probe_env(env_cfg: Any) -> Optional[dict]:
                                  "backend: the task, controller and observation mode are the same)") from None
             raise
         try:
-            _PROBED[key] = {"obs_dim": int(u.single_observation_space.shape[0]),
+            fields = obs_fields(u)
+            _PROBED[key] = {"obs_dim": int(u.single_observation_space.shape[0]), "obs_fields": fields,
                             "act_dim": int(u.single_action_space.shape[0]),
                             "action_low": np.asarray(u.single_action_space.low, np.float32).tolist(),
                             "action_high": np.asarray(u.single_action_space.high, np.float32).tolist()}
         finally:
             u.close()
     return dict(_PROBED[key])
+
+
+def obs_fields(u: Any) -> Optional[list]:
+    """The named parts of a task's flat state observation, ``[[name, start, end], ...]`` in order (for
+    PickCube-v1: ``agent/qpos`` 0-9, ``agent/qvel`` 9-18, ``extra/is_grasped`` 18-19, ...), read from the
+    task's own state dict the way ManiSkill flattens it. None when the parts do not add up to the
+    observation's size (a task with its own flattening): slices by index still work then."""
+    try:
+        u.reset(seed=0)
+        d = u._get_obs_state_dict(u.get_info())
+    except Exception:  # a task without the state-dict observation: no names
+        return None
+    out: list = []
+    pos = 0
+
+    def walk(node: Any, prefix: str) -> None:
+        nonlocal pos
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+                continue
+            shape = tuple(getattr(v, "shape", ()))
+            size = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            out.append([f"{prefix}{k}", pos, pos + size])
+            pos += size
+
+    walk(d, "")
+    return out if pos == int(u.single_observation_space.shape[0]) else None
+
+
+def resolve_obs_ignore(entries: Sequence[str], obs_dim: int, fields: Optional[list]) -> list[int]:
+    """Observation indices named by ``policy.obs_ignore`` entries: a field name of :func:`obs_fields`
+    (``agent/qvel``) or an index range ``start:end`` (end exclusive). Raises ConfigError naming the key."""
+    from offrl.errors import ConfigError
+
+    by_name = {f[0]: (f[1], f[2]) for f in fields or []}
+    idx: set[int] = set()
+    for e in entries:
+        e = str(e).strip()
+        if e in by_name:
+            a, b = by_name[e]
+        elif ":" in e:
+            try:
+                a, b = (int(x) for x in e.split(":", 1))
+            except ValueError:
+                raise ConfigError("policy.obs_ignore", f"{e!r} is not a range start:end of integers") from None
+            if not 0 <= a < b <= obs_dim:
+                raise ConfigError("policy.obs_ignore", f"range {e!r} must satisfy 0 <= start < end <= {obs_dim} "
+                                                       "(the observation's size)")
+        else:
+            known = ", ".join(by_name) if by_name else "none known for this task; use start:end"
+            raise ConfigError("policy.obs_ignore", f"unknown observation field {e!r} (fields: {known})")
+        idx.update(range(a, b))
+    if len(idx) >= obs_dim:
+        raise ConfigError("policy.obs_ignore", f"hides all {obs_dim} observation entries; the policy would see nothing")
+    return sorted(idx)
 
 
 def make_sim(env_cfg: Any, autoreset: bool = True):

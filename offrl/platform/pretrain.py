@@ -113,6 +113,13 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
     arch = dict(obs_dim=obs_dim, act_dim=act_dim, hidden=list(p.hidden), activation=p.activation,
                 log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
                 action_high=[float(x) for x in action_high], min_log_std=p.min_log_std)
+    if p.obs_ignore:
+        from offrl.envs.maniskill import probe_env, resolve_obs_ignore
+
+        fields = None
+        if any(":" not in str(e) for e in p.obs_ignore):  # names need the task's observation layout
+            fields = (probe_env(cfg.env) or {}).get("obs_fields")
+        arch["obs_ignore"] = resolve_obs_ignore(p.obs_ignore, obs_dim, fields)
     actor = GaussianActor(**arch) if pc.trains_actor else None
     critics = build_critics(cfg.critic, obs_dim, act_dim) if pc.critic_mode else None
     if pc.conservative:
