@@ -765,6 +765,7 @@ class ExperimentConfig(_Checked):
 # ------------------------------------------------------------------------------------------ loading
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+_PLURALS = {int: "integers", float: "numbers", bool: "true/false values", str: "strings", dict: "mappings"}
 
 
 def _describe(tp: Any) -> str:
@@ -775,7 +776,7 @@ def _describe(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_describe(a) for a in args) + " or null"
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        return "a list of " + _PLURALS.get(typing.get_args(tp)[0], _describe(typing.get_args(tp)[0]) + "s")
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 

@@ -49,6 +49,8 @@ def test_yaml_and_overrides(tmp_path):
     ("diffusion.ema_decay=nan", "diffusion.ema_decay", "finite number"),
     ("pretrain.actor_lr=nan", "pretrain.actor_lr", "finite number"),
     ("policy.min_log_std=-inf", "policy.min_log_std", "finite number"),
+    ("policy.obs_ignore=agent/qvel", "policy.obs_ignore", "expected a list of strings"),
+    ("policy.hidden=3", "policy.hidden", "expected a list of integers"),
     ("eval.ignore_terminations=maybe", "eval.ignore_terminations", "true or false"),
     ("finetune.offline_ratio=1.5", "finetune.offline_ratio", "in [0, 1]"),
     ("finetune.offline_ratio=-0.1", "finetune.offline_ratio", "in [0, 1]"),
