@@ -315,6 +315,9 @@ class FinetuneLearner(RoundLearner):
                 a = normalize(adv, center=cfg.center_advantage) if cfg.normalize_advantage else adv
                 loss, pm = self._actor_loss(b, a)
                 self._step(self.actor_opt, loss, self.actor.parameters(), "policy")
+                # approx_kl against log-probs written by many past policies (and by the start policy for the
+                # demo rows) measures no step and explodes once the policy narrows; round_kl is the step here
+                pm.pop("approx_kl", None)
                 m.update(pm)
             return m
 
