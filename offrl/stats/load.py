@@ -215,9 +215,10 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]]) -> pd.DataFrame:
         where = ", ".join(str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths))
         raise OffrlError(f"no runs found under {where} (looked for run directories with config.yaml + "
                          "metrics.csv and Tune trial directories with params.json + progress.csv)")
-    metric_frames, configs, empty = [], [], []
+    metric_frames, configs, empty, own = [], [], [], []
     for src in sources:
         cfg = _read_config(src)
+        own.append(src.kind == "offrl")
         m = _read_metrics(src)
         if m.empty:
             empty.append(src.trial)
@@ -228,6 +229,7 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]]) -> pd.DataFrame:
         configs.append({TRIAL: src.trial, **cfg})
     if not metric_frames:
         raise OffrlError(f"no run under {paths} has logged any metric yet ({len(empty)} empty)")
+    _fill_new_keys([c for c, o in zip(configs, own) if o])
     metrics = pd.concat(metric_frames, ignore_index=True, sort=False)
     metric_cols = [c for c in metrics.columns if c not in (TRIAL, STEP)]
     config = config_frame(configs)
@@ -237,6 +239,25 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]]) -> pd.DataFrame:
     df.attrs.update(metric_columns=metric_cols, config_columns=config_cols, empty_trials=empty,
                     sources={s.trial: {"kind": s.kind, "path": str(s.path)} for s in sources})
     return df
+
+
+def _fill_new_keys(configs: list[dict]) -> None:
+    """Give offrl runs written before a config key existed that key's current default, where other runs
+    have the key and the run has other keys of its section (``policy.obs_ignore`` for a run with
+    ``policy.hidden``): a key is added with a default that keeps the earlier behaviour, so the old run did
+    run with it, and without the fill the old and new runs of one cell land in different groups. A whole
+    section the run lacks stays missing (None)."""
+    keys = set().union(*configs) if configs else set()
+    if not any(keys - set(c) for c in configs):
+        return
+    from offrl.config import load_config, to_dict
+
+    defaults = flatten_config(yaml.safe_load(yaml.safe_dump(to_dict(load_config(None, [])), sort_keys=False)))
+    for c in configs:
+        sections = {k.split(".", 1)[0] for k in c if "." in k}
+        for k in keys - set(c):
+            if k in defaults and k.split(".", 1)[0] in sections:
+                c[k] = defaults[k]
 
 
 def config_frame(records: Sequence[dict]) -> pd.DataFrame:

@@ -130,3 +130,26 @@ def test_empty_metrics_are_noted_not_fatal(sweep_dir):
     (sweep_dir / "fresh" / "metrics.csv").write_text("")
     df = load_runs(sweep_dir)
     assert df.attrs["empty_trials"] == ["fresh"] and "fresh" not in set(df["trial"])
+
+
+def test_a_key_newer_than_a_run_takes_its_default(tmp_path):
+    """A run written before a config key existed reads as having the key's default, so it groups with
+    the newer runs of the same cell (keys are added with defaults that keep the earlier behaviour)."""
+    from offrl.stats.compare import default_by
+
+    from .conftest import write_run
+
+    rows = [{"step": 0, "eval/success_rate": 0.5}, {"step": 10, "eval/success_rate": 0.6}]
+    base = {"finetune": {"update": "awr"}, "run": {"experiment": "e"}}
+    write_run(tmp_path / "old", {**base, "seed": 0, "policy": {"hidden": [8]}}, rows)
+    write_run(tmp_path / "new", {**base, "seed": 1, "policy": {"hidden": [8], "obs_ignore": []},
+                                 "finetune": {"update": "awr", "ref_kl_coef": 0.0}}, rows)
+    write_run(tmp_path / "other", {**base, "seed": 2, "policy": {"hidden": [8], "obs_ignore": []},
+                                   "finetune": {"update": "awr", "ref_kl_coef": 1.0}}, rows)
+    df = load_runs(tmp_path)
+    t = trial_table(df).set_index("trial")
+    assert t.loc["old", "finetune.ref_kl_coef"] == 0.0
+    assert t.loc["old", "policy.obs_ignore"] == t.loc["new", "policy.obs_ignore"] is not None
+    assert default_by(df) == ["finetune.ref_kl_coef"]  # old and new together; obs_ignore no longer splits
+    write_run(tmp_path / "bare", {"seed": 3, "finetune": {"update": "awr"}}, rows)
+    assert trial_table(load_runs(tmp_path)).set_index("trial").loc["bare", "policy.obs_ignore"] is None
