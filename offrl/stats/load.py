@@ -218,7 +218,6 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]]) -> pd.DataFrame:
     metric_frames, configs, empty, own = [], [], [], []
     for src in sources:
         cfg = _read_config(src)
-        own.append(src.kind == "offrl")
         m = _read_metrics(src)
         if m.empty:
             empty.append(src.trial)
@@ -227,6 +226,7 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]]) -> pd.DataFrame:
         m.insert(0, TRIAL, src.trial)
         metric_frames.append(m)
         configs.append({TRIAL: src.trial, **cfg})
+        own.append(src.kind == "offrl")  # beside configs: empty runs are in neither
     if not metric_frames:
         raise OffrlError(f"no run under {paths} has logged any metric yet ({len(empty)} empty)")
     _fill_new_keys([c for c, o in zip(configs, own) if o])
