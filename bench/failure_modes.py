@@ -15,6 +15,10 @@ For the episodes that grasped the cube and never placed it, it also asks the scr
 the episode's last states, and prints how many of those episodes *stalled*: over the last 5 steps the policy
 commands less than 0.05 of arm motion (``|a_xyz|``) where the expert commands more than 0.2. For them it
 prints where the cube stopped: its horizontal and vertical distance from the goal, and the expert's command.
+When the checkpoint holds ``sac``'s Q ensemble it also prints what the critic thinks of the stalled states:
+Q(s, policy's action) against Q(s, expert's action) (ensemble means), and the cosine between dQ/da at the
+policy's action and the expert's arm command. Equal values and a cosine near 0 say the critic does not tell
+the expert's move from standing still, so the actor has nothing to follow there.
 
     python bench/failure_modes.py CHECKPOINT [--episodes 30] [--seed 1000000000] [--steps 100]
                                   [policy.action_horizon=12 ...]
@@ -31,6 +35,33 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def critic_view(ckpt, arch: dict, cfg: dict):
+    """``q(obs [d], action [a]) -> (Q ensemble mean, dQ/da [a])`` from a checkpoint's ``sac_critics``; None
+    when the checkpoint has none (a pretrained policy, or a finetuning rule with other critics)."""
+    import torch
+    from safetensors import safe_open
+
+    from offrl.algos.sac import SACCritics
+    from offrl.platform.checkpoint import load_checkpoint
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        if not any(k.startswith("sac_critics.") for k in f.keys()):
+            return None
+    fc = cfg["finetune"]
+    critics = SACCritics(arch["obs_dim"], arch["act_dim"], cfg["critic"]["hidden"], cfg["critic"]["activation"],
+                         fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"])
+    load_checkpoint(ckpt, {"sac_critics": critics}, parts=["sac_critics"], restore_rng=False)
+
+    def q(obs, action):
+        o = torch.as_tensor(np.asarray(obs), dtype=torch.float32).reshape(1, -1)
+        a = torch.as_tensor(np.asarray(action), dtype=torch.float32).reshape(1, -1).requires_grad_(True)
+        v = critics.q(o, a).mean()
+        (g,) = torch.autograd.grad(v, a)
+        return float(v.detach()), g[0].numpy()
+
+    return q
 
 
 def main() -> int:
@@ -62,6 +93,7 @@ def main() -> int:
     actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
     spec = actor_spec(actor, arch, True)
+    q = critic_view(ckpt, arch, cfg)
     env = cfg["env"]
     if env["id"] != "PickCube-v1":
         ap.error(f"this reads PickCube-v1's flags; the checkpoint is for {env['id']}")
@@ -88,8 +120,13 @@ def main() -> int:
                 expert.resume(priv, [0], [u])
                 ex = np.clip(expert.clean_action(priv), -1.0, 1.0)[0]
                 off = priv["cube"][0] - priv["goal"][0]
+                crit = {}
+                if q is not None:
+                    (qp, grad), (qe, _) = q(obs, act[0]), q(obs, ex)
+                    cos = float(grad[:3] @ ex[:3] / (np.linalg.norm(grad[:3]) * np.linalg.norm(ex[:3]) + 1e-12))
+                    crit = {"q_policy": qp, "q_expert": qe, "dq_da_cos_expert": cos}
                 last.append((float(np.linalg.norm(act[0, :3])), float(np.linalg.norm(ex[:3])),
-                             float(np.linalg.norm(off[:2])), float(off[2]), ex[:3].round(2).tolist()))
+                             float(np.linalg.norm(off[:2])), float(off[2]), ex[:3].round(2).tolist(), crit))
             obs, _, _, _, info = sim.step(act)
             ev = u.evaluate()
             grasped |= bool(ev["is_grasped"][0])
@@ -105,7 +142,7 @@ def main() -> int:
             pol, exp = np.mean([x[0] for x in last]), np.mean([x[1] for x in last])
             rec.update(stalled=bool(pol < 0.05 and exp > 0.2), policy_arm_command=float(pol),
                        expert_arm_command=float(exp), end_xy_from_goal_m=last[-1][2], end_z_minus_goal_m=last[-1][3],
-                       expert_command=last[-1][4])
+                       expert_command=last[-1][4], **last[-1][5])
         records.append(rec)
         print(f"seed {seed}: {kind}, closest to goal {closest * 100:.1f} cm"
               + (f", first success at step {first}" if first else ""), flush=True)
@@ -133,6 +170,11 @@ def main() -> int:
                            for r in stalled])
         print(f"  stalled: cube from goal median {xy:.1f} cm horizontally, {z:.1f} cm vertically; "
               f"the expert's command is median {share:.2f} vertical (|dz| / |a_xyz|)")
+    if stalled and q is not None:
+        qp, qe = (np.median([r[k] for r in stalled]) for k in ("q_policy", "q_expert"))
+        print(f"  stalled, sac's critic at the last state: median Q(s, policy) {qp:.3f}, Q(s, expert) {qe:.3f}; "
+              f"expert's Q higher in {np.mean([r['q_expert'] > r['q_policy'] for r in stalled]):.2f} of them; "
+              f"cos(dQ/da, expert's arm command) median {np.median([r['dq_da_cos_expert'] for r in stalled]):.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": str(ckpt), "overrides": args.overrides, "episodes": records}, f, indent=1)

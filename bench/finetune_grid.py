@@ -120,7 +120,9 @@ def main() -> int:
         return 0
 
     root = Path(args.root)
-    init_ray(load_config(args.config, args.overrides).cluster)
+    # the cluster section alone: an override that needs the grid's own per-cell keys (e.g. finetune.her_relabel,
+    # which needs finetune.replay) is checked with them, per cell
+    init_ray(load_config(args.config, [o for o in args.overrides if o.startswith("cluster.")]).cluster)
     rows = []
     cells = []
     for mode, adv, upd, seed in itertools.product(args.modes, args.advantages, args.updates, args.seeds):

@@ -587,6 +587,11 @@ class FinetuneConfig(_Checked):
                                      "updates_per_round * batch_size / env steps per round).")
     batch_size: int = _f(256, "replay: minibatch size.")
     replay_size: int = _f(1_000_000, "replay: capacity of the replay buffer (oldest transitions dropped first).")
+    her_relabel: int = _f(0, "replay: hindsight relabelling (HER's 'future' strategy, Andrychowicz et al. 2017): each "
+                             "online transition also enters the replay this many times with the goal moved to where "
+                             "the object is at a later step of the same episode, and the sparse reward recomputed "
+                             "(offrl.envs.goals); 0: off. Needs env.reward_mode sparse and a task with a goal in its "
+                             "observation (PickCube-v1).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
     ref_kl_coef: float = _f(0.0, "Anchor to the start policy: ref_kl_coef * KL(start policy || policy) on each "
@@ -666,6 +671,10 @@ class FinetuneConfig(_Checked):
                                                "minibatch, so it must be < 1")
         if self.keep_rounds < 1:
             raise ConfigError("keep_rounds", f"must be >= 1, got {self.keep_rounds}")
+        if self.her_relabel < 0:
+            raise ConfigError("her_relabel", f"must be >= 0, got {self.her_relabel}")
+        if self.her_relabel > 0 and not self.replay:
+            raise ConfigError("her_relabel", "relabelled transitions go into the replay buffer: set finetune.replay=true")
         if self.update == "sac":
             if not self.replay:
                 raise ConfigError("update", "sac trains off-policy: set finetune.replay=true")
@@ -750,6 +759,9 @@ class ExperimentConfig(_Checked):
     run: RunConfig = _sub(RunConfig)
 
     def check(self) -> None:
+        if self.finetune.her_relabel > 0 and self.env.reward_mode != "sparse":
+            raise ConfigError("finetune.her_relabel", "recomputes the task's success as the reward, so it needs "
+                                                      f"env.reward_mode sparse, got {self.env.reward_mode}")
         if self.critic.distributional is not None and self.pretrain.critic_mode not in (None, "mc"):
             raise ConfigError("critic.distributional", f"is for Monte-Carlo-return critics (critic_mc) and GAE's "
                                                        f"value net; pretrain.algo {self.pretrain.algo} trains "

@@ -71,6 +71,7 @@ REF_KL = "losses/ref_kl"                             # KL(start policy || policy
 OFFLINE_FRACTION = "charts/offline_fraction"
 GRAD_STEPS = "charts/grad_steps"
 REPLAY_SIZE = "charts/replay_size"
+HER_REACHED = "charts/her_reached"                  # share of a round's hindsight-relabelled copies that reach their goal
 SAC_ALPHA = "charts/sac_alpha"
 SAC_ACTOR_STEPS = "charts/sac_actor_steps"          # actor steps a round took before target_kl ended them
 Q_MEAN = "charts/q_mean"

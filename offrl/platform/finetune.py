@@ -189,6 +189,12 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     offline = None
     if fc.bc_coef > 0 or ((fc.replay or fc.update == "recap") and fc.offline_ratio > 0):
         offline = load_offline(cfg, start_ckpt, actor, bonus, need_rewards=fc.replay, log=log)
+    relabeller = None
+    if fc.her_relabel > 0:  # before any actor starts: a task without a known goal layout fails here
+        from offrl.envs.goals import GoalRelabeller
+        from offrl.envs.maniskill import probe_env
+
+        relabeller = GoalRelabeller(cfg.env.id, (probe_env(cfg.env) or {}).get("obs_fields"))
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
     created = False
@@ -305,6 +311,10 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             t_upd = time.perf_counter()
             if fc.replay:
                 learner.replay.add(batch)
+                if relabeller is not None:  # hindsight copies of the round (rng: the loop's, checkpointed)
+                    her, row[M.HER_REACHED] = relabeller.relabel(data, fc.her_relabel, rng)
+                    her["rewards"] = add_success_bonus(her["rewards"], her["terminated"], her["terminated"], bonus)
+                    learner.replay.add(her)
                 m = learner.update_replay(train_actor=train_actor)
                 row.update({M.ADVANTAGE_SAMPLES: float(fc.updates_per_round * fc.batch_size),
                             M.REPLAY_SIZE: float(len(learner.replay))})

@@ -87,10 +87,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 PATHS = [("iql", "awr", ["finetune.replay=true"]),
          ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1"]),
          ("gae", "ppo", ["finetune.bc_coef=0.5"]),
-         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1"])]
+         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1"]),
+         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "env.reward_mode=sparse",
+                         "finetune.her_relabel=2"])]
 
 
 @pytest.mark.parametrize("adv, upd, extra", PATHS, ids=[f"{a}-{u}-{'replay' if 'finetune.replay=true' in e else 'bc'}"
+                                                        + ("-her" if "finetune.her_relabel=2" in e else "")
                                                         for a, u, e in PATHS])
 def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
     """The off-policy path (replay + offline mix, critics trained on it) and the DAPG term on the on-policy path."""
@@ -100,7 +103,10 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
     assert [r["step"] for r in rows] == ["0", "32", "64"]
     last = rows[-1]
     if "finetune.replay=true" in extra:
-        assert [float(r["charts/replay_size"]) for r in rows[1:]] == [32, 64]
+        her = 2 if "finetune.her_relabel=2" in extra else 0  # hindsight copies join each round's 32 transitions
+        assert [float(r["charts/replay_size"]) for r in rows[1:]] == [32 * (1 + her), 64 * (1 + her)]
+        assert all((0 <= float(r["charts/her_reached"]) <= 1) if her else r.get("charts/her_reached", "") == ""
+                   for r in rows[1:])
         assert float(last["charts/offline_fraction"]) == 0.5 and last["losses/policy_loss"] != ""
         assert float(last["charts/grad_steps"]) == 5 and last["losses/critic_loss"] != ""
         assert float(last["charts/advantage_samples"]) == 5 * 32
@@ -190,7 +196,8 @@ def _same_weights(a, b):
         assert torch.equal(x[k], y[k]), k
 
 
-RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32"]),
+RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32",
+                                  "env.reward_mode=sparse", "finetune.her_relabel=2"]),  # hindsight copies: loop rng
            ("mc", "ppo", ["finetune.bc_coef=0.2"]),
            ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
            ("gae", "push_away", ["finetune.keep_rounds=3", "finetune.ref_kl_coef=0.5"])]  # cut with 2 kept rounds;
