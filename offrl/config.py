@@ -592,6 +592,9 @@ class FinetuneConfig(_Checked):
                              "the object is at a later step of the same episode, and the sparse reward recomputed "
                              "(offrl.envs.goals); 0: off. Needs env.reward_mode sparse and a task with a goal in its "
                              "observation (PickCube-v1).")
+    her_min_move: float = _f(0.0, "her_relabel: drop the relabelled copies whose goal is closer than this (m) to "
+                                  "where the object is at the transition's start (goals reached by holding "
+                                  "still); 0 keeps every copy (HER).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
     ref_kl_coef: float = _f(0.0, "Anchor to the start policy: ref_kl_coef * KL(start policy || policy) on each "
@@ -673,6 +676,8 @@ class FinetuneConfig(_Checked):
             raise ConfigError("keep_rounds", f"must be >= 1, got {self.keep_rounds}")
         if self.her_relabel < 0:
             raise ConfigError("her_relabel", f"must be >= 0, got {self.her_relabel}")
+        if self.her_min_move < 0:
+            raise ConfigError("her_min_move", f"must be >= 0, got {self.her_min_move}")
         if self.her_relabel > 0 and not self.replay:
             raise ConfigError("her_relabel", "relabelled transitions go into the replay buffer: set finetune.replay=true")
         if self.update == "sac":

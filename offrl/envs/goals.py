@@ -93,13 +93,15 @@ class GoalRelabeller:
             end[t] = np.where(done[t], t, end[t + 1])
         return end
 
-    def relabel(self, data: Mapping[str, np.ndarray], copies: int,
-                rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    def relabel(self, data: Mapping[str, np.ndarray], copies: int, rng: np.random.Generator,
+                min_move: float = 0.0) -> tuple[dict[str, torch.Tensor], float]:
         """``copies`` relabelled versions of every transition of a round (arrays ``[T, N, ...]`` with obs,
         actions, raw_actions, logprob, next_obs, terminated, truncated), flat in the replay batch contract,
         and the share of them that reach their new goal. Each copy's goal is the object's position after a
         step drawn uniformly from this one to the end of its episode (HER's "future" goals, the same step
-        included: that copy always counts as reached when the robot is static)."""
+        included: that copy always counts as reached when the robot is static). ``min_move > 0`` drops the
+        copies whose goal lies within ``min_move`` of where the object is at the transition's start (goals the
+        episode never moved the object to: "reached" there by holding still)."""
         obs, nxt = data["obs"], data["next_obs"]
         T, N = obs.shape[:2]
         end = self.episode_ends(np.asarray(data["terminated"]) | np.asarray(data["truncated"]))
@@ -110,14 +112,15 @@ class GoalRelabeller:
         for _ in range(int(copies)):
             fut = t + np.floor(rng.random((T, N)) * (end - t + 1)).astype(np.int64)
             goal = nxt[fut, cols][..., self.pos]                                   # [T, N, 3]
+            keep = np.linalg.norm(goal - obs[..., self.pos], axis=-1) >= min_move if min_move > 0 else \
+                np.ones((T, N), bool)
             hit = self.success(nxt, goal)
-            parts["obs"].append(self.with_goal(obs, goal))
-            parts["next_obs"].append(self.with_goal(nxt, goal))
-            parts["rewards"].append(hit.astype(np.float32))
-            parts["terminated"].append(hit)
+            parts["obs"].append(self.with_goal(obs, goal)[keep])
+            parts["next_obs"].append(self.with_goal(nxt, goal)[keep])
+            parts["rewards"].append(hit.astype(np.float32)[keep])
+            parts["terminated"].append(hit[keep])
             for k in ("actions", "raw_actions", "logprob"):
-                parts[k].append(np.asarray(data[k]))
-        flat = {k: torch.from_numpy(np.ascontiguousarray(np.concatenate([x.reshape(T * N, *x.shape[2:]) for x in v])))
-                for k, v in parts.items()}
+                parts[k].append(np.asarray(data[k])[keep])
+        flat = {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v))) for k, v in parts.items()}
         rate = float(flat["rewards"].mean()) if flat["rewards"].numel() else 0.0
         return flat, rate

@@ -69,6 +69,18 @@ def test_relabelled_goals_come_from_the_same_episodes_future(rollout):
     assert rate == pytest.approx(hit.mean()) and rate > out["success"].mean()  # hindsight adds successes
 
 
+def test_min_move_drops_the_goals_the_object_was_never_moved_to(rollout):
+    fields, out = rollout
+    rel = GoalRelabeller("PickCube-v1", fields)
+    full, _ = rel.relabel(out, 2, np.random.default_rng(0))
+    kept, _ = rel.relabel(out, 2, np.random.default_rng(0), min_move=0.025)
+    o = full["obs"].numpy()
+    moved = np.linalg.norm(o[:, rel.goal] - o[:, rel.pos], axis=-1) >= 0.025
+    assert 0 < len(kept["obs"]) == int(moved.sum()) < len(full["obs"])  # the same draws, the unmoved ones gone
+    for k in full:
+        np.testing.assert_array_equal(kept[k].numpy(), full[k].numpy()[moved])
+
+
 def test_unknown_task_and_bad_values_are_refused():
     with pytest.raises(ConfigError, match="finetune.her_relabel.*no goal layout known for PushCube-v1"):
         GoalRelabeller("PushCube-v1", [["agent/qpos", 0, 9]])
@@ -82,3 +94,6 @@ def test_unknown_task_and_bad_values_are_refused():
         load_config(None, ["finetune.her_relabel=2", "finetune.replay=true", "finetune.update=sac"])
     with pytest.raises(ConfigError, match="her_relabel"):
         load_config(None, ["finetune.her_relabel=nan"])
+    for bad in ("-0.01", "nan", "inf"):
+        with pytest.raises(ConfigError, match="her_min_move"):
+            load_config(None, [f"finetune.her_min_move={bad}"])
