@@ -97,3 +97,17 @@ def test_unknown_task_and_bad_values_are_refused():
     for bad in ("-0.01", "nan", "inf"):
         with pytest.raises(ConfigError, match="her_min_move"):
             load_config(None, [f"finetune.her_min_move={bad}"])
+
+
+def test_cli_refuses_relabelling_off_the_replay_path(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "offrl", "finetune", "tune_configs/finetune_sparse.yaml",
+                        "finetune.her_relabel=2", f"run.root={tmp_path}"], cwd=str(ROOT), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "finetune.her_relabel" in r.stderr and "replay" in r.stderr
+    assert not any(tmp_path.iterdir())
