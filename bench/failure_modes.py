@@ -38,18 +38,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def critic_view(ckpt, arch: dict, cfg: dict):
-    """``q(obs [d], action [a]) -> (Q ensemble mean, dQ/da [a])`` from a checkpoint's ``sac_critics``; None
-    when the checkpoint has none (a pretrained policy, or a finetuning rule with other critics)."""
+    """``q(obs [d], action [a]) -> (Q ensemble mean, dQ/da [a])`` from a ``sac`` finetuning checkpoint's
+    ``sac_critics``; None for any other checkpoint (a pretrained policy, or a rule with other critics)."""
+    fc = cfg.get("finetune", {})
+    if fc.get("update") != "sac":  # every checkpoint a sac run writes holds its Q ensemble
+        return None
     import torch
-    from safetensors import safe_open
 
     from offrl.algos.sac import SACCritics
     from offrl.platform.checkpoint import load_checkpoint
 
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        if not any(k.startswith("sac_critics.") for k in f.keys()):
-            return None
-    fc = cfg["finetune"]
     critics = SACCritics(arch["obs_dim"], arch["act_dim"], cfg["critic"]["hidden"], cfg["critic"]["activation"],
                          fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"])
     load_checkpoint(ckpt, {"sac_critics": critics}, parts=["sac_critics"], restore_rng=False)
