@@ -17,7 +17,9 @@ takes the replay + offline mix (IQL, SARSA) or offline rows at ``finetune.offlin
 minibatch (GAE, MC); in the on-policy mode none (``offline_ratio=0``).
 
 AUC is the area under the evaluation success curve (the start evaluation at step 0 included) divided by
-the step range.
+the step range. "Rollouts" is the behaviour policy's own success (``rollout/success_rate``, the stochastic
+policy that collects the data), mean of the first and of the last ten rounds: where it rises and the
+deterministic evaluation does not, the policy's mean is what lags.
 
     python bench/finetune_grid.py [key=value ...] [--advantages gae mc iql sarsa] [--updates ppo awr push_away]
                                   [--modes onpolicy offline] [--seeds 0] [--root runs/finetune_grid]
@@ -36,14 +38,16 @@ from pathlib import Path
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| advantage | update | mode | seed | success before | success after | 95% CI after | AUC | env steps | "
-             "re-rollout steps |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| advantage | update | mode | seed | success before | success after | 95% CI after | AUC | rollouts, first "
+             "-> last 10 rounds | env steps | re-rollout steps |", "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|"]
     for s in rows:
         lo, hi = s["success_after_ci95"]
         auc = f"{s['auc']:.2f}" if s.get("auc") is not None else "-"
+        trend = s.get("rollouts")
+        trend = f"{trend[0]:.2f} -> {trend[1]:.2f}" if trend else "-"
         upd = s["update"] + (f" (w={s['recap_w']:g})" if s["update"] == "recap" else "")
         lines.append(f"| {s['advantage']} | {upd} | {s.get('mode', '-')} | {s['seed']} | "
-                     f"{s['success_before']:.2f} | {s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {auc} | "
+                     f"{s['success_before']:.2f} | {s['success_after']:.2f} | [{lo:.2f}, {hi:.2f}] | {auc} | {trend} | "
                      f"{s['env_steps']} | {s['rerollout_steps']} |")
     return "\n".join(lines)
 
@@ -58,6 +62,18 @@ def _auc(run: Path) -> "float | None":
         return None
     area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
     return area / (pts[-1][0] - pts[0][0])
+
+
+def _rollouts(run: Path, k: int = 10) -> "tuple[float, float] | None":
+    """Mean ``rollout/success_rate`` of the first and of the last ``k`` rounds of ``run`` (fewer rounds: half each)."""
+    import csv
+
+    v = [float(r["rollout/success_rate"]) for r in csv.DictReader(open(run / "metrics.csv"))
+         if r.get("rollout/success_rate")]
+    if not v:
+        return None
+    k = max(1, min(k, len(v) // 2))
+    return sum(v[:k]) / k, sum(v[-k:]) / k
 
 
 def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
@@ -113,7 +129,7 @@ def main() -> int:
             if s.get("update") == "sac":  # sac brings its own critics: finetune.advantage is not used
                 s["advantage"] = "sac"
             rows.append(s | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
-                                                     "run": str(f.parent),
+                                                     "rollouts": _rollouts(f.parent), "run": str(f.parent),
                                                      "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
         rows.sort(key=lambda r: (r["advantage"], r["update"], r["recap_w"], r["mode"], r["seed"]))
         print(_table(rows))
@@ -147,7 +163,8 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, "auc": _auc(run), "run": str(run), "recap_w": w})
+        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, "auc": _auc(run), "rollouts": _rollouts(run),
+                          "run": str(run), "recap_w": w})
     table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)

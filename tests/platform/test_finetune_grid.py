@@ -1,0 +1,60 @@
+"""bench/finetune_grid.py's table, read back from a real (tiny) finetuning run."""
+
+
+def test_grid_table_reads_success_auc_and_rollout_trend_from_the_run(tmp_path, tiny_bc_iql_run):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from offrl.config import load_config
+    from offrl.platform.finetune import run_finetune_job
+
+    run = run_finetune_job(load_config(None, [
+        f"finetune.checkpoint={tiny_bc_iql_run}", "finetune.advantage=gae", "finetune.update=ppo",
+        "finetune.bc_coef=0.1", "finetune.iterations=4", "finetune.steps_per_iter=6", "finetune.eval_every=2",
+        "finetune.eval_episodes=2", "finetune.value_warmup_iters=1", "env.num_envs=2", "cluster.num_hosts=1",
+        "env.max_episode_steps=6",  # every round ends its episodes, so each logs a rollout success
+        f"run.root={tmp_path}", "run.experiment=finetune", "run.trial=gae_ppo_offline_seed0", "run.progress=false",
+        "run.tensorboard=false"]), log=lambda *a: None)
+    r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--from-dir", str(tmp_path)], cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    header, _, row = r.stdout.strip().splitlines()
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    summary = json.loads((run / "finetune_summary.json").read_text())
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rollouts = [float(x["rollout/success_rate"]) for x in rows if x.get("rollout/success_rate")]
+    assert len(rollouts) == 4  # one per round; 4 rounds -> the first 2 and the last 2
+    first, last = sum(rollouts[:2]) / 2, sum(rollouts[-2:]) / 2
+    assert cells["rollouts, first -> last 10 rounds"] == f"{first:.2f} -> {last:.2f}"
+    assert (cells["advantage"], cells["update"], cells["mode"], cells["seed"]) == ("gae", "ppo", "offline", "0")
+    assert cells["success after"] == f"{summary['success_after']:.2f}"
+    evals = [(float(x["step"]), float(x["eval/success_rate"])) for x in rows if x.get("eval/success_rate")]
+    assert [s for s, _ in evals] == [0, 24, 48]  # eval every 2 rounds of 6 steps x 2 envs
+    auc = ((evals[1][1] + evals[0][1]) / 2 + (evals[2][1] + evals[1][1]) / 2) / 2
+    assert cells["AUC"] == f"{auc:.2f}"
+    assert cells["env steps"] == "48" and cells["re-rollout steps"] == "0"
+
+
+def test_rollout_trend_means_the_first_and_last_ten_rounds(tmp_path):
+    """_rollouts: rows without a rollout success (evaluation-only rows) are skipped; ten rounds a side, or half
+    of a shorter run."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from finetune_grid import _rollouts
+
+    lines = ["step,eval/success_rate,rollout/success_rate", "0,0.5,"]
+    lines += [f"{i + 1},,{i / 100}" for i in range(25)]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    first, last = _rollouts(tmp_path)
+    assert abs(first - 0.045) < 1e-12 and abs(last - 0.195) < 1e-12  # mean of 0..9 and of 15..24, /100
+    first, last = _rollouts(tmp_path, k=30)  # more than the run has: half each
+    assert abs(first - 0.055) < 1e-12 and abs(last - 0.185) < 1e-12  # 0..11 and 13..24
+    (tmp_path / "metrics.csv").write_text("step,eval/success_rate\n0,0.5\n")
+    assert _rollouts(tmp_path) is None
