@@ -18,8 +18,8 @@ minibatch (GAE, MC); in the on-policy mode none (``offline_ratio=0``).
 
 AUC is the area under the evaluation success curve (the start evaluation at step 0 included) divided by
 the step range. "Rollouts" is the behaviour policy's own success (``rollout/success_rate``, the stochastic
-policy that collects the data), mean of the first and of the last ten rounds: where it rises and the
-deterministic evaluation does not, the policy's mean is what lags.
+policy that collects the data, over the episodes that end in each round), mean of the first and of the
+last ten rounds.
 
     python bench/finetune_grid.py [key=value ...] [--advantages gae mc iql sarsa] [--updates ppo awr push_away]
                                   [--modes onpolicy offline] [--seeds 0] [--root runs/finetune_grid]
