@@ -53,15 +53,14 @@ def _table(rows: list[dict]) -> str:
 
 
 def _auc(run: Path) -> "float | None":
-    """Area under the eval/success_rate curve of ``run`` (trapezoid over env steps) / the step range."""
+    """Area under the eval/success_rate curve of ``run`` (offrl.stats' trapezoid over env steps / the step range)."""
     import csv
+
+    from offrl.stats.aggregate import auc
 
     pts = [(float(r["step"]), float(r["eval/success_rate"])) for r in csv.DictReader(open(run / "metrics.csv"))
            if r.get("eval/success_rate")]
-    if len(pts) < 2:
-        return None
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-    return area / (pts[-1][0] - pts[0][0])
+    return auc(*zip(*pts)) if len(pts) >= 2 else None
 
 
 def _rollouts(run: Path, k: int = 10) -> "tuple[float, float] | None":
@@ -74,6 +73,11 @@ def _rollouts(run: Path, k: int = 10) -> "tuple[float, float] | None":
         return None
     k = max(1, min(k, len(v) // 2))
     return sum(v[:k]) / k, sum(v[-k:]) / k
+
+
+def _read_back(run: Path) -> dict:
+    """The table's figures that come from ``run``'s metrics.csv rather than its summary."""
+    return {"auc": _auc(run), "rollouts": _rollouts(run), "run": str(run)}
 
 
 def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
@@ -128,9 +132,8 @@ def main() -> int:
             s = json.loads(f.read_text())
             if s.get("update") == "sac":  # sac brings its own critics: finetune.advantage is not used
                 s["advantage"] = "sac"
-            rows.append(s | {"seed": cfg["seed"], "mode": mode, "auc": _auc(f.parent),
-                                                     "rollouts": _rollouts(f.parent), "run": str(f.parent),
-                                                     "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
+            rows.append(s | {"seed": cfg["seed"], "mode": mode, **_read_back(f.parent),
+                             "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
         rows.sort(key=lambda r: (r["advantage"], r["update"], r["recap_w"], r["mode"], r["seed"]))
         print(_table(rows))
         return 0
@@ -163,8 +166,7 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, "auc": _auc(run), "rollouts": _rollouts(run),
-                          "run": str(run), "recap_w": w})
+        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, **_read_back(run), "recap_w": w})
     table = _table(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)
