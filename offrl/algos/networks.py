@@ -5,7 +5,7 @@ Shapes: observations ``[B, obs_dim]``, actions ``[B, act_dim]``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,17 +29,21 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "rel
 class RunningNorm(nn.Module):
     """Observation normalizer: running mean/variance (Chan et al. parallel update), stored as buffers.
 
-    ``normalize(x) = clip((x - mean) / sqrt(var + eps), -clip, clip)``. The statistics are saved with
-    the checkpoint (``normalizer.safetensors``) so a policy always sees the inputs it was trained on.
+    ``normalize(x) = clip((x - mean) / max(sqrt(var + eps), min_std), -clip, clip)``. The statistics are
+    saved with the checkpoint (``normalizer.safetensors``) so a policy always sees the inputs it was trained
+    on. ``min_std`` (None: no floor) keeps an entry that hardly varies in the data, e.g. a quaternion
+    component of an upright cube (std 0.005 in PickCube-v1's demos), from being scaled into a large input
+    by a deviation the data never showed.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-8, clip: float = 10.0):
+    def __init__(self, dim: int, eps: float = 1e-8, clip: float = 10.0, min_std: Optional[float] = None):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(0.0, dtype=torch.float64))
         self.eps = eps
         self.clip = clip
+        self.min_std = None if min_std is None else float(min_std)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -59,7 +63,10 @@ class RunningNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.count.item() == 0:
             return x
-        y = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + self.eps)
+        std = torch.sqrt(self.var.to(x.dtype) + self.eps)
+        if self.min_std is not None:
+            std = std.clamp_min(self.min_std)
+        y = (x - self.mean.to(x.dtype)) / std
         return y.clamp(-self.clip, self.clip)
 
 
@@ -92,7 +99,8 @@ class GaussianActor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
                  log_std_init: float = -0.5, squash: str = "clip", action_low: Sequence[float] | None = None,
                  action_high: Sequence[float] | None = None, min_log_std: float | None = None,
-                 indicator: bool = False, guidance: float = 0.0, obs_ignore: Sequence[int] | None = None):
+                 indicator: bool = False, guidance: float = 0.0, obs_ignore: Sequence[int] | None = None,
+                 obs_min_std: float | None = None):
         super().__init__()
         self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
         # observation entries the policy does not see: held at zero after normalisation (a constant input)
@@ -104,7 +112,8 @@ class GaussianActor(nn.Module):
         self.register_buffer("obs_keep", keep, persistent=False)
         # floor of the log std (None: none, as in checkpoints written before the floor existed)
         self.min_log_std = None if min_log_std is None else float(min_log_std)
-        self.normalizer = RunningNorm(obs_dim)
+        # floor of the observation normaliser's std (None: none, as in checkpoints written before it existed)
+        self.normalizer = RunningNorm(obs_dim, min_std=obs_min_std)
         self.net = mlp(obs_dim, act_dim, hidden, activation)
         self.guidance = float(guidance)
         self.indicator = None

@@ -112,7 +112,7 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
         return learner, arch
     arch = dict(obs_dim=obs_dim, act_dim=act_dim, hidden=list(p.hidden), activation=p.activation,
                 log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
-                action_high=[float(x) for x in action_high], min_log_std=p.min_log_std)
+                action_high=[float(x) for x in action_high], min_log_std=p.min_log_std, obs_min_std=p.obs_min_std)
     if p.obs_ignore:
         from offrl.envs.maniskill import probe_env, resolve_obs_ignore
 

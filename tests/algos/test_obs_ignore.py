@@ -62,7 +62,7 @@ def test_pretrained_policy_ignores_the_joint_velocities(tmp_path, expert_dataset
                              "policy.obs_ignore=[agent/qvel]"])
     run = run_pretrain_job(cfg, log=lambda *a: None)
     arch = json.loads((run / "checkpoints" / "2" / "training_state" / "state.json").read_text())["actor_arch"]
-    assert arch["obs_ignore"] == list(range(9, 18))
+    assert arch["obs_ignore"] == list(range(9, 18)) and arch["obs_min_std"] is None
     actor = build_actor(arch)
     load_checkpoint(run / "checkpoints" / "2", {"actor": actor}, parts=["actor"], restore_rng=False)
     obs = torch.randn(4, 42)
