@@ -68,9 +68,11 @@ class QEnsemble(nn.Module):
         self.normalizer = RunningNorm(obs_dim)
         self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, 1, hidden, activation, layer_norm) for _ in range(size)])
         self.batched = False  # True: the batched forward (the same function; see _forward_batched)
+        self.obs_keep: Optional[torch.Tensor] = None  # entries seen (1) and held at zero (0); None: all seen
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.normalizer(obs), actions], -1)
+        o = self.normalizer(obs)
+        x = torch.cat([o if self.obs_keep is None else o * self.obs_keep.to(o.dtype), actions], -1)
         if self.batched:
             return self._forward_batched(x)
         return torch.stack([h(x).squeeze(-1) for h in self.heads])
@@ -159,8 +161,11 @@ class SACLearner(RoundLearner):
             raise ValueError("sac with offline_ratio > 0 needs offline data")
         self.critics = SACCritics(actor.obs_dim, actor.act_dim, critic_hidden, critic_activation, cfg.sac_ensemble,
                                   cfg.sac_layer_norm, cfg.sac_init_alpha)
-        for m in (self.critics.q.normalizer, self.critics.q_target.normalizer):
-            m.load_state_dict(actor.normalizer.state_dict())
+        for q in (self.critics.q, self.critics.q_target):
+            q.normalizer.load_state_dict(actor.normalizer.state_dict())
+            if cfg.sac_critic_obs == "actor":  # the actor's view; not state: rebuilt from the config on resume
+                q.normalizer.min_std = actor.normalizer.min_std
+                q.obs_keep = actor.obs_keep.clone() if actor.obs_ignore else None
         self.target_entropy = (-actor.act_dim / 2.0 if cfg.sac_target_entropy is None
                                else float(cfg.sac_target_entropy))
         self.replay = ReplayBuffer(cfg.replay_size, actor.obs_dim, actor.act_dim)

@@ -202,3 +202,25 @@ def test_the_batched_ensemble_is_the_same_function_with_the_same_gradients():
     assert batched.shape == loop.shape == (4, 32)
     assert torch.allclose(batched, loop, atol=1e-5)
     assert all(torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(g_loop, q.parameters()))
+
+
+def test_critics_see_the_observation_as_the_actor_does_when_asked():
+    def build(view):
+        torch.manual_seed(0)
+        actor = GaussianActor(3, 1, hidden=(16,), obs_ignore=[2], obs_min_std=0.5)
+        actor.normalizer.update(torch.randn(200, 3) * torch.tensor([1.0, 0.01, 1.0]))
+        cfg = FinetuneConfig(update="sac", replay=True, offline_ratio=0.0, sac_ensemble=2, sac_critic_obs=view)
+        return SACLearner(actor, cfg, critic_hidden=(16,), seed=0).critics
+
+    obs, a = torch.randn(5, 3), torch.zeros(5, 1)
+    moved = obs.clone()
+    moved[:, 2] += 3.0  # an entry the actor does not see
+    full, seen = build("full"), build("actor")
+    assert not torch.allclose(full.q(obs, a), full.q(moved, a))
+    for q in (seen.q, seen.q_target):
+        assert torch.equal(q(obs, a), q(moved, a)) and q.normalizer.min_std == 0.5
+    assert full.q.normalizer.min_std is None and full.q.obs_keep is None
+    # entry 1 hardly varies in the data: the actor's floor bounds how far a 0.2 deviation reaches the critic
+    nudged = obs.clone()
+    nudged[:, 1] = 0.2
+    assert float(seen.q.normalizer(nudged)[0, 1].abs()) < 0.5 < float(full.q.normalizer(nudged)[0, 1].abs())
