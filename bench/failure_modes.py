@@ -51,6 +51,11 @@ def critic_view(ckpt, arch: dict, cfg: dict):
     critics = SACCritics(arch["obs_dim"], arch["act_dim"], cfg["critic"]["hidden"], cfg["critic"]["activation"],
                          fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"])
     load_checkpoint(ckpt, {"sac_critics": critics}, parts=["sac_critics"], restore_rng=False)
+    if fc.get("sac_critic_obs", "full") == "actor":  # the Q ensemble saw the observation as the actor does
+        critics.q.normalizer.min_std = arch.get("obs_min_std")
+        if arch.get("obs_ignore"):
+            critics.q.obs_keep = torch.ones(arch["obs_dim"])
+            critics.q.obs_keep[arch["obs_ignore"]] = 0.0
 
     def q(obs, action):
         o = torch.as_tensor(np.asarray(obs), dtype=torch.float32).reshape(1, -1)

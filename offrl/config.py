@@ -629,9 +629,10 @@ class FinetuneConfig(_Checked):
                                         "target is reward + discounted min Q only, as RLPD's ManiSkill configs "
                                         "run it (backup_entropy: False).")
     sac_critic_obs: Literal["full", "actor"] = _f(
-        "full", "sac: what the Q ensemble sees. full: every observation entry, normalised by the start actor's "
-                "statistics; actor: the observation as the actor sees it (its policy.obs_ignore entries held at "
-                "zero, its policy.obs_min_std floor).")
+        "actor", "sac: what the Q ensemble sees. actor: the observation as the actor sees it (its policy.obs_ignore "
+                 "entries held at zero, its policy.obs_min_std floor; for an actor that hides nothing and has no "
+                 "floor, the same as full); full: every entry, normalised by the start actor's statistics. From "
+                 "PickCube starts that hide the orientations, actor ended higher on every seed compared.")
     sac_tau: float = _f(0.005, "sac: Polyak rate of the target Q networks.")
     sac_bound_coef: float = _f(1.0, "sac: weight of the penalty ||mu - clip(mu)||^2 that keeps the actor's mean "
                                     "near the action bounds (clip squashing; 0 disables).")

@@ -72,7 +72,7 @@ class QEnsemble(nn.Module):
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         o = self.normalizer(obs)
-        x = torch.cat([o if self.obs_keep is None else o * self.obs_keep.to(o.dtype), actions], -1)
+        x = torch.cat([o if self.obs_keep is None else o * self.obs_keep.to(o), actions], -1)
         if self.batched:
             return self._forward_batched(x)
         return torch.stack([h(x).squeeze(-1) for h in self.heads])
