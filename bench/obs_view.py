@@ -64,7 +64,9 @@ def main() -> int:
                            f"pretrain.num_episodes={n}", f"seed={s}", *args.overrides, *VARIANTS[v], f"run.root={args.root}",
                            "run.experiment=obs_view", f"run.trial={run.name}", "run.progress=false"]
                     print("$", " ".join(cmd), flush=True)
-                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:  # its error line is above
+                        print(f"obs_view: the run {run.name} failed; nothing after it was trained", file=sys.stderr)
+                        return 2
                 ev = json.loads((run / "eval.json").read_text())
                 results.setdefault((n, v), []).append(float(ev["success_once"]["mean"]))
     lines = ["| demos | observation | success, seeds " + ", ".join(map(str, args.seeds)) + " | IQM [95% CI] | "

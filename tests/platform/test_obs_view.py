@@ -36,3 +36,11 @@ def test_bench_refuses_missing_data(tmp_path):
     r = subprocess.run([sys.executable, "bench/obs_view.py", "--root", str(tmp_path), "--data", str(tmp_path / "no.h5")],
                        cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_a_run_that_fails_stops_the_bench_with_its_error(tmp_path, expert_dataset):
+    r = subprocess.run([sys.executable, "bench/obs_view.py", "--root", str(tmp_path), "--data", str(expert_dataset),
+                        "--demos", "500", "--seeds", "0", "--variants", "full"],
+                       cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pretrain.num_episodes=500" in r.stderr and "bc_n500_full_s0 failed" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "obs_view.md").exists()
