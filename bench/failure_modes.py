@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def critic_view(ckpt, arch: dict, cfg: dict):
+def critic_view(ckpt, arch: dict, cfg: dict, actor=None):
     """``q(obs [d], action [a]) -> (Q ensemble mean, dQ/da [a])`` from a ``sac`` finetuning checkpoint's
     ``sac_critics``; None for any other checkpoint (a pretrained policy, or a rule with other critics)."""
     fc = cfg.get("finetune", {})
@@ -52,10 +52,9 @@ def critic_view(ckpt, arch: dict, cfg: dict):
                          fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"])
     load_checkpoint(ckpt, {"sac_critics": critics}, parts=["sac_critics"], restore_rng=False)
     if fc.get("sac_critic_obs", "full") == "actor":  # the Q ensemble saw the observation as the actor does
-        critics.q.normalizer.min_std = arch.get("obs_min_std")
-        if arch.get("obs_ignore"):
-            critics.q.obs_keep = torch.ones(arch["obs_dim"])
-            critics.q.obs_keep[arch["obs_ignore"]] = 0.0
+        from offrl.algos.networks import build_actor
+
+        critics.view_as(actor if actor is not None else build_actor(arch))  # the view comes from the architecture
 
     def q(obs, action):
         o = torch.as_tensor(np.asarray(obs), dtype=torch.float32).reshape(1, -1)
@@ -96,7 +95,7 @@ def main() -> int:
     actor = build_actor(arch)
     load_checkpoint(ckpt, {"actor": actor}, parts=["actor"], restore_rng=False)
     spec = actor_spec(actor, arch, True)
-    q = critic_view(ckpt, arch, cfg)
+    q = critic_view(ckpt, arch, cfg, actor)
     env = cfg["env"]
     if env["id"] != "PickCube-v1":
         ap.error(f"this reads PickCube-v1's flags; the checkpoint is for {env['id']}")

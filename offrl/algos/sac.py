@@ -107,6 +107,13 @@ class SACCritics(nn.Module):
         self.q_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
 
+    def view_as(self, actor: GaussianActor) -> None:
+        """Both Q ensembles see the observation as ``actor`` does: its hidden entries held at zero, its
+        normaliser's std floor (not state: a checkpoint's reader sets it again from the run's config)."""
+        for q in (self.q, self.q_target):
+            q.normalizer.min_std = actor.normalizer.min_std
+            q.obs_keep = actor.obs_keep.clone() if actor.obs_ignore else None
+
     @torch.no_grad()
     def polyak(self, tau: float) -> None:
         for pt, p in zip(self.q_target.parameters(), self.q.parameters()):
@@ -161,11 +168,10 @@ class SACLearner(RoundLearner):
             raise ValueError("sac with offline_ratio > 0 needs offline data")
         self.critics = SACCritics(actor.obs_dim, actor.act_dim, critic_hidden, critic_activation, cfg.sac_ensemble,
                                   cfg.sac_layer_norm, cfg.sac_init_alpha)
-        for q in (self.critics.q, self.critics.q_target):
-            q.normalizer.load_state_dict(actor.normalizer.state_dict())
-            if cfg.sac_critic_obs == "actor":  # the actor's view; not state: rebuilt from the config on resume
-                q.normalizer.min_std = actor.normalizer.min_std
-                q.obs_keep = actor.obs_keep.clone() if actor.obs_ignore else None
+        for m in (self.critics.q.normalizer, self.critics.q_target.normalizer):
+            m.load_state_dict(actor.normalizer.state_dict())
+        if cfg.sac_critic_obs == "actor":
+            self.critics.view_as(actor)
         self.target_entropy = (-actor.act_dim / 2.0 if cfg.sac_target_entropy is None
                                else float(cfg.sac_target_entropy))
         self.replay = ReplayBuffer(cfg.replay_size, actor.obs_dim, actor.act_dim)
