@@ -84,7 +84,7 @@ def score(run: Path, test: Path) -> dict:
     import torch
     from scipy.stats import mannwhitneyu, spearmanr
 
-    from offrl.algos.critics import Critics
+    from offrl.algos.critics import build_critics
     from offrl.config import from_dict
     from offrl.data.dataset import OfflineDataset
     from offrl.platform.checkpoint import checkpoint_json, latest_checkpoint, load_checkpoint
@@ -93,7 +93,7 @@ def score(run: Path, test: Path) -> dict:
     cfg = from_dict(checkpoint_json(ckpt, "config.json"))
     state = checkpoint_json(ckpt, "training_state/state.json")
     ds = OfflineDataset.load(test)
-    c = Critics(ds.obs_dim, ds.act_dim, list(cfg.critic.hidden), cfg.critic.activation, cfg.critic.twin_q)
+    c = build_critics(cfg.critic, ds.obs_dim, ds.act_dim, state.get("critic_obs_ignore") or ())
     load_checkpoint(ckpt, {"critics": c}, parts=["critics"], restore_rng=False)
     c.eval()
     g = cfg.pretrain.gamma

@@ -122,7 +122,7 @@ class PolicyConfig(_Checked):
               "an input of several units. 0.01 (the sequence policies' floor) lifted BC on 100 PickCube demos "
               "from 0.43 to 0.55 over 3 seeds; hiding those entries (obs_ignore) lifted it to 0.76.")
     obs_ignore: tuple[str, ...] = _f(
-        (), "Observation parts the policy does not see (mlp; the critics see everything): field names of the "
+        (), "Observation parts the policy does not see (mlp; the critics have their own critic.obs_ignore): field names of the "
             "task's state observation (e.g. agent/qvel, the joint velocities) or index ranges start:end. The "
             "parts are held at zero after normalisation, so checkpoints keep the full observation size.")
     obs_horizon: int = _f(2, "To: observations the policy conditions on (mlp_chunk, diffusion).")
@@ -306,6 +306,11 @@ class CriticConfig(_Checked):
     l1: float = _f(0.0, "L1: l1 * sum |W| over the critics' weight matrices, added to the loss.")
     residual: bool = _f(False, "Residual hidden layers h + act(W h + b) after the first (equal widths). Capacity "
                                "against underfitting.")
+    obs_ignore: tuple[str, ...] = _f(
+        (), "Observation parts V and Q do not see (pretraining's critics; finetuning rebuilds them so, and GAE's "
+            "value net warm-started from their V): the spelling of policy.obs_ignore (field names or index "
+            "ranges start:end), held at zero after normalisation. The run records the indices as "
+            "critic_obs_ignore in its training state.")
     distributional: Optional[DistributionalConfig] = _f(
         None, "A categorical value distribution {bins, v_min, v_max} for the MC critics (pretrain algo critic_mc) "
               "and GAE's value net: trained by cross-entropy to the return's C51 projection on the support; its "

@@ -138,6 +138,24 @@ def categorical_value_loss(logits: torch.Tensor, returns: torch.Tensor, support:
     return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
 
 
+class _ObsView:
+    """The observation as a value network sees it: normalised, with the ``obs_ignore`` entries held at zero
+    (a constant input; ``critic.obs_ignore``, the same spelling as ``policy.obs_ignore``)."""
+
+    def _init_view(self, obs_dim: int, obs_ignore: Sequence[int]) -> None:
+        self.normalizer = RunningNorm(obs_dim)
+        self.obs_ignore = sorted({int(i) for i in obs_ignore})
+        if any(not 0 <= i < obs_dim for i in self.obs_ignore):
+            raise ValueError(f"obs_ignore indices must lie in [0, {obs_dim}), got {self.obs_ignore}")
+        keep = torch.ones(obs_dim)
+        keep[self.obs_ignore] = 0.0
+        self.register_buffer("obs_keep", keep, persistent=False)  # not state: rebuilt from the architecture
+
+    def view(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.normalizer(obs)
+        return x * self.obs_keep.to(x.dtype) if self.obs_ignore else x
+
+
 class _ValueOutputs:
     """A scalar output, or the logits of a categorical over a support whose mean is the value."""
 
@@ -155,7 +173,7 @@ class _ValueOutputs:
         return out.squeeze(-1)
 
 
-class VNet(_ValueOutputs, nn.Module):
+class VNet(_ObsView, _ValueOutputs, nn.Module):
     """State value V(s): a :class:`CriticMLP` on normalized observations, output ``[B]``.
 
     ``distributional=(bins, v_min, v_max)``: the network outputs the logits of a categorical over ``bins``
@@ -164,47 +182,48 @@ class VNet(_ValueOutputs, nn.Module):
     """
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 distributional: Distributional = None, **corrections):
+                 distributional: Distributional = None, obs_ignore: Sequence[int] = (), **corrections):
         super().__init__()
-        self.normalizer = RunningNorm(obs_dim)
+        self._init_view(obs_dim, obs_ignore)
         self.net = CriticMLP(obs_dim, self._init_outputs(distributional), hidden, activation, **corrections)
 
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
         """The categorical's logits ``[B, bins]`` (distributional V only)."""
-        return self.net(self.normalizer(obs))
+        return self.net(self.view(obs))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self._value(self.net(self.normalizer(obs)))
+        return self._value(self.net(self.view(obs)))
 
     def forward_aux(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(V ``[B]``, features ``[B, f]``, KL ``[B]``)."""
-        out, feat, kl = self.net.forward_aux(self.normalizer(obs))
+        out, feat, kl = self.net.forward_aux(self.view(obs))
         return self._value(out), feat, kl
 
 
-class QNet(_ValueOutputs, nn.Module):
+class QNet(_ObsView, _ValueOutputs, nn.Module):
     """Action value Q(s, a), optionally twin (two heads; ``forward`` returns both ``[2, B]`` or ``[1, B]``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True, distributional: Distributional = None, **corrections):
+                 twin: bool = True, distributional: Distributional = None, obs_ignore: Sequence[int] = (),
+                 **corrections):
         super().__init__()
-        self.normalizer = RunningNorm(obs_dim)
+        self._init_view(obs_dim, obs_ignore)
         out = self._init_outputs(distributional)
         self.heads = nn.ModuleList([CriticMLP(obs_dim + act_dim, out, hidden, activation, **corrections)
                                     for _ in range(2 if twin else 1)])
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Every head's categorical logits ``[H, B, bins]`` (distributional Q only)."""
-        x = torch.cat([self.normalizer(obs), actions], -1)
+        x = torch.cat([self.view(obs), actions], -1)
         return torch.stack([h(x) for h in self.heads])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.normalizer(obs), actions], -1)
+        x = torch.cat([self.view(obs), actions], -1)
         return torch.stack([self._value(h(x)) for h in self.heads])
 
     def forward_aux(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Q ``[H, B]``, features ``[H, B, f]``, KL ``[H, B]``)."""
-        x = torch.cat([self.normalizer(obs), actions], -1)
+        x = torch.cat([self.view(obs), actions], -1)
         outs = [h.forward_aux(x) for h in self.heads]
         return (torch.stack([self._value(o) for o, _, _ in outs]), torch.stack([f for _, f, _ in outs]),
                 torch.stack([k for _, _, k in outs]))
@@ -225,10 +244,11 @@ class Critics(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 twin: bool = True, distributional: Distributional = None, **corrections):
+                 twin: bool = True, distributional: Distributional = None, obs_ignore: Sequence[int] = (),
+                 **corrections):
         super().__init__()
-        self.v = VNet(obs_dim, hidden, activation, distributional, **corrections)
-        self.q = QNet(obs_dim, act_dim, hidden, activation, twin, distributional, **corrections)
+        self.v = VNet(obs_dim, hidden, activation, distributional, obs_ignore, **corrections)
+        self.q = QNet(obs_dim, act_dim, hidden, activation, twin, distributional, obs_ignore, **corrections)
         self.q_target = copy.deepcopy(self.q)
         for p in self.q_target.parameters():
             p.requires_grad_(False)
@@ -255,10 +275,11 @@ class Critics(nn.Module):
         return self.q_target.min(obs, actions) - self.v(obs)
 
 
-def build_critics(critic_cfg, obs_dim: int, act_dim: int) -> Critics:
-    """The :class:`Critics` a ``critic`` config section describes (pretraining and finetuning build the same)."""
+def build_critics(critic_cfg, obs_dim: int, act_dim: int, obs_ignore: Sequence[int] = ()) -> Critics:
+    """The :class:`Critics` a ``critic`` config section describes (pretraining and finetuning build the same);
+    ``obs_ignore``: the indices ``critic.obs_ignore`` resolves to (a run records them as ``critic_obs_ignore``)."""
     return Critics(obs_dim, act_dim, list(critic_cfg.hidden), critic_cfg.activation, critic_cfg.twin_q,
-                   distributional=distributional_spec(critic_cfg),
+                   distributional=distributional_spec(critic_cfg), obs_ignore=obs_ignore,
                    dropout=critic_cfg.dropout, residual=critic_cfg.residual, vib_size=critic_cfg.vib_size)
 
 

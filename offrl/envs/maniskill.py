@@ -448,9 +448,11 @@ def obs_fields(u: Any) -> Optional[list]:
     return out if pos == int(u.single_observation_space.shape[0]) else None
 
 
-def resolve_obs_ignore(entries: Sequence[str], obs_dim: int, fields: Optional[list]) -> list[int]:
-    """Observation indices named by ``policy.obs_ignore`` entries: a field name of :func:`obs_fields`
-    (``agent/qvel``) or an index range ``start:end`` (end exclusive). Raises ConfigError naming the key."""
+def resolve_obs_ignore(entries: Sequence[str], obs_dim: int, fields: Optional[list],
+                       key: str = "policy.obs_ignore") -> list[int]:
+    """Observation indices named by ``policy.obs_ignore`` (or ``key``, e.g. ``critic.obs_ignore``) entries: a
+    field name of :func:`obs_fields` (``agent/qvel``) or an index range ``start:end`` (end exclusive). Raises
+    ConfigError naming the key."""
     from offrl.errors import ConfigError
 
     by_name = {f[0]: (f[1], f[2]) for f in fields or []}
@@ -463,16 +465,16 @@ def resolve_obs_ignore(entries: Sequence[str], obs_dim: int, fields: Optional[li
             try:
                 a, b = (int(x) for x in e.split(":", 1))
             except ValueError:
-                raise ConfigError("policy.obs_ignore", f"{e!r} is not a range start:end of integers") from None
+                raise ConfigError(key, f"{e!r} is not a range start:end of integers") from None
             if not 0 <= a < b <= obs_dim:
-                raise ConfigError("policy.obs_ignore", f"range {e!r} must satisfy 0 <= start < end <= {obs_dim} "
-                                                       "(the observation's size)")
+                raise ConfigError(key, f"range {e!r} must satisfy 0 <= start < end <= {obs_dim} "
+                                       "(the observation's size)")
         else:
             known = ", ".join(by_name) if by_name else "none known for this task; use start:end"
-            raise ConfigError("policy.obs_ignore", f"unknown observation field {e!r} (fields: {known})")
+            raise ConfigError(key, f"unknown observation field {e!r} (fields: {known})")
         idx.update(range(a, b))
     if len(idx) >= obs_dim:
-        raise ConfigError("policy.obs_ignore", f"hides all {obs_dim} observation entries; the policy would see nothing")
+        raise ConfigError(key, f"hides all {obs_dim} observation entries; nothing would be left to see")
     return sorted(idx)
 
 

@@ -70,7 +70,7 @@ def _load_start(cfg: Any, log: Any, explicit: Collection[str] = ()) -> tuple[Any
     critics = value = None
     if has_critics:
         sc = saved.critic
-        critics = build_critics(sc, arch["obs_dim"], arch["act_dim"])
+        critics = build_critics(sc, arch["obs_dim"], arch["act_dim"], state.get("critic_obs_ignore") or ())
         load_checkpoint(ckpt, {"critics": critics}, parts=["critics"], restore_rng=False)
     if needs.needs_critics and critics.v.distributional and fc.critic_online:
         raise OffrlError(f"finetune.advantage={fc.advantage} trains the critics of {ckpt} online by expectile "

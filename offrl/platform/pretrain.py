@@ -91,6 +91,17 @@ def sequence_arch(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
     return arch
 
 
+def obs_ignore_indices(cfg: Any, entries: Sequence[str], obs_dim: int, key: str) -> list[int]:
+    """The observation indices ``entries`` (``policy.obs_ignore`` / ``critic.obs_ignore``) name for ``cfg.env``'s
+    task; field names need its observation layout (one probe), index ranges do not."""
+    from offrl.envs.maniskill import probe_env, resolve_obs_ignore
+
+    fields = None
+    if any(":" not in str(e) for e in entries):
+        fields = (probe_env(cfg.env) or {}).get("obs_fields")
+    return resolve_obs_ignore(entries, obs_dim, fields, key)
+
+
 def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[float], action_high: Sequence[float],
                   total_steps: int = 0):
     """Networks and the learner for ``cfg.pretrain``: an OfflineLearner (Gaussian actor and/or critics) or,
@@ -114,14 +125,12 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
                 log_std_init=p.log_std_init, squash=p.squash, action_low=[float(x) for x in action_low],
                 action_high=[float(x) for x in action_high], min_log_std=p.min_log_std, obs_min_std=p.obs_min_std)
     if p.obs_ignore:
-        from offrl.envs.maniskill import probe_env, resolve_obs_ignore
-
-        fields = None
-        if any(":" not in str(e) for e in p.obs_ignore):  # names need the task's observation layout
-            fields = (probe_env(cfg.env) or {}).get("obs_fields")
-        arch["obs_ignore"] = resolve_obs_ignore(p.obs_ignore, obs_dim, fields)
+        arch["obs_ignore"] = obs_ignore_indices(cfg, p.obs_ignore, obs_dim, "policy.obs_ignore")
     actor = GaussianActor(**arch) if pc.trains_actor else None
-    critics = build_critics(cfg.critic, obs_dim, act_dim) if pc.critic_mode else None
+    critics = None
+    if pc.critic_mode:
+        hide = obs_ignore_indices(cfg, cfg.critic.obs_ignore, obs_dim, "critic.obs_ignore") if cfg.critic.obs_ignore else ()
+        critics = build_critics(cfg.critic, obs_dim, act_dim, hide)
     if pc.conservative:
         from offrl.algos.conservative import ConservativeLearner
 
@@ -381,12 +390,15 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
         if world > 1:  # every worker starts from rank 0's weights, as DistributedDataParallel does
             _broadcast_modules(learner.modules())
 
+        crit = getattr(learner, "critics", None)
+        critic_view = {"critic_obs_ignore": crit.v.obs_ignore} if crit is not None and crit.v.obs_ignore else {}
+
         def checkpoint(root: Path, epoch: int, keep: int, best_val: float) -> None:
             save_checkpoint(root, epoch, learner.modules(), optimizers=learner.optimizers(),
                             generators=learner.generators(), config=to_dict(cfg), keep=keep,
                             extra_state={**learner.extra_state(), "actor_arch": arch, "algo": pc.algo,
                                          "best_val": best_val, "dataset": str(pc.dataset),
-                                         "data": provenance})
+                                         "data": provenance, **critic_view})
 
         def run_eval(episodes: int, actor: Any = None) -> dict:
             spec = actor_spec(actor if actor is not None else learner.actor, arch, cfg.eval.deterministic)
