@@ -129,8 +129,8 @@ def build_learner(cfg: Any, obs_dim: int, act_dim: int, action_low: Sequence[flo
     actor = GaussianActor(**arch) if pc.trains_actor else None
     critics = None
     if pc.critic_mode:
-        hide = obs_ignore_indices(cfg, cfg.critic.obs_ignore, obs_dim, "critic.obs_ignore") if cfg.critic.obs_ignore else ()
-        critics = build_critics(cfg.critic, obs_dim, act_dim, hide)
+        critics = build_critics(cfg.critic, obs_dim, act_dim,
+                                obs_ignore_indices(cfg, cfg.critic.obs_ignore, obs_dim, "critic.obs_ignore"))
     if pc.conservative:
         from offrl.algos.conservative import ConservativeLearner
 
