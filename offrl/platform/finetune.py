@@ -100,7 +100,9 @@ def _round_seeds(seed: int, it: int, eval_every: int) -> tuple[Optional[int], in
 
     The envs are reset at round 1 and at the first round after every checkpoint (checkpoints are written
     at evaluation rounds, every ``eval_every``); episodes in progress there are cut, like the end of any
-    rollout segment. From a checkpoint on, a round is then a function of the saved weights and these
+    rollout segment. The hosts rebuild their sims before those resets: on ManiSkill's CPU backend a seeded
+    reset or a state restore keeps the PhysX contact caches of what the env ran before, and a resumed run's
+    hosts have run nothing. From a checkpoint on, a round is then a function of the saved weights and these
     seeds alone, so ``--resume`` replays exactly what the uninterrupted run would have done.
     """
     reset = seed if it == 1 else (seed + 1_000_033 * it if (it - 1) % eval_every == 0 else None)
@@ -293,7 +295,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             spec = actor_spec(actor, arch, deterministic=False)
             reset_seed, policy_seed = _round_seeds(cfg.seed, it, fc.eval_every)
             results = pool.rollout(spec, T, reset_seed=reset_seed, record_states=estimator.record_states,
-                                   policy_seed=policy_seed)
+                                   policy_seed=policy_seed, rebuild=True)
             t_roll = time.perf_counter() - t0
             data = concat_rollouts(results)
             data["rewards"] = add_success_bonus(data["rewards"], data["terminated"], data["success"], bonus)

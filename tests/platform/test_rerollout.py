@@ -211,3 +211,29 @@ def test_rerollouts_leave_the_main_rollout_alone():
     assert a.tracker.length.tolist() == b.tracker.length.tolist()
     a.close()
     b.close()
+
+
+def test_rebuilt_host_rerolls_like_a_fresh_one():
+    """A host that has run episodes, evaluations and re-rollouts, rebuilt at a reset, rolls out and re-rolls
+    bit for bit like a host that has run nothing (finetuning's resume relies on it for MC)."""
+    from offrl.platform.rerollout import rerollout_on_host
+
+    cfg = {"num_envs": 2, "reward_mode": "sparse"}
+    used, fresh = SimHostImpl(cfg, seed=4), SimHostImpl(cfg, seed=4)
+    spec = {"kind": "expert", "name": "auto", "noise": 0.3}
+    warm = used.rollout(spec, 60, policy_seed=9, record_states=True)
+    rerollout_on_host(used, spec, stack_states([index_state(warm["states"][t], 1) for t in (7, 20)]), None, 2, None,
+                      0.8, seed=1)
+    outs = []
+    for h in (used, fresh):
+        r = h.rollout(spec, 25, reset_seed=11, record_states=True, policy_seed=5, rebuild=True)
+        st = stack_states([index_state(r["states"][t], n) for t in (5, 15) for n in range(2)])
+        acts = np.stack([r["actions"][t, n] for t in (5, 15) for n in range(2)]).astype(np.float32)
+        outs.append((r["obs"], rerollout_on_host(h, spec, st, acts, 2, None, 0.8, seed=2)))
+    (oa, ra), (ob, rb) = outs
+    np.testing.assert_array_equal(oa, ob)
+    np.testing.assert_array_equal(ra["q"], rb["q"])
+    np.testing.assert_array_equal(ra["v"], rb["v"])
+    assert ra["steps"] == rb["steps"] > 0
+    used.close()
+    fresh.close()
