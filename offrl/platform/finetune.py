@@ -291,11 +291,13 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                  "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,
                  "recap_dropped": M.RECAP_DROPPED}
         for it in range(it0 + 1, fc.iterations + 1):
+            reset_seed, policy_seed = _round_seeds(cfg.seed, it, fc.eval_every)
+            if reset_seed is not None:  # new sims for the seeded reset (untimed, like checkpoints; _round_seeds)
+                pool.call("rebuild")
             t0 = time.perf_counter()
             spec = actor_spec(actor, arch, deterministic=False)
-            reset_seed, policy_seed = _round_seeds(cfg.seed, it, fc.eval_every)
             results = pool.rollout(spec, T, reset_seed=reset_seed, record_states=estimator.record_states,
-                                   policy_seed=policy_seed, rebuild=True)
+                                   policy_seed=policy_seed)
             t_roll = time.perf_counter() - t0
             data = concat_rollouts(results)
             data["rewards"] = add_success_bonus(data["rewards"], data["terminated"], data["success"], bonus)

@@ -85,14 +85,11 @@ class SimHostImpl:
         self.sim = make_sim(self.env_cfg)
 
     def rollout(self, policy_spec: dict, num_steps: int, reset_seed: Optional[int] = None,
-                record_states: bool = False, policy_seed: Optional[int] = None, rebuild: bool = False) -> dict:
-        """Run ``num_steps`` steps with the policy in ``policy_spec`` (see ``build_policy``); ``rebuild``
-        (with a ``reset_seed``) starts from a new sim (:meth:`rebuild`)."""
+                record_states: bool = False, policy_seed: Optional[int] = None) -> dict:
+        """Run ``num_steps`` steps with the policy in ``policy_spec`` (see ``build_policy``)."""
         from offrl.platform.rollout import build_policy, run_rollout
 
         if reset_seed is not None:
-            if rebuild:
-                self.rebuild()
             self.reset(reset_seed)
         self.calls += 1
         pseed = policy_seed if policy_seed is not None else self.seed + 7919 * self.calls
@@ -225,13 +222,12 @@ class SimHostPool:
             raise
 
     def rollout(self, policy_spec: dict, num_steps: int, reset_seed: Optional[int] = None,
-                record_states: bool = False, policy_seed: Optional[int] = None, rebuild: bool = False) -> list[dict]:
+                record_states: bool = False, policy_seed: Optional[int] = None) -> list[dict]:
         """Every host runs ``num_steps`` steps; the policy spec is put in the object store once.
 
         ``reset_seed`` / ``policy_seed``: host ``i`` resets its envs with ``reset_seed + 1_000_003 i`` and
         samples actions with ``policy_seed + 1_000_003 i`` (None: no reset / the host's own call counter),
-        so a round can be replayed exactly by fresh actors (finetuning's resume); ``rebuild`` makes every
-        host start that reset from a new sim (:meth:`SimHostImpl.rebuild`)."""
+        so a round can be replayed exactly by fresh actors (finetuning's resume)."""
         import ray
 
         ref = ray.put(policy_spec)
@@ -239,7 +235,7 @@ class SimHostPool:
         def per_host(base: Optional[int]) -> list[Optional[int]]:
             return [None if base is None else base + 1_000_003 * i for i in range(len(self.hosts))]
 
-        return self._get([h.rollout.remote(ref, num_steps, s, record_states, p, rebuild)
+        return self._get([h.rollout.remote(ref, num_steps, s, record_states, p)
                           for h, s, p in zip(self.hosts, per_host(reset_seed), per_host(policy_seed))])
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:

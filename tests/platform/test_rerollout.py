@@ -226,7 +226,8 @@ def test_rebuilt_host_rerolls_like_a_fresh_one():
                       0.8, seed=1)
     outs = []
     for h in (used, fresh):
-        r = h.rollout(spec, 25, reset_seed=11, record_states=True, policy_seed=5, rebuild=True)
+        h.rebuild()
+        r = h.rollout(spec, 25, reset_seed=11, record_states=True, policy_seed=5)
         st = stack_states([index_state(r["states"][t], n) for t in (5, 15) for n in range(2)])
         acts = np.stack([r["actions"][t, n] for t in (5, 15) for n in range(2)]).astype(np.float32)
         outs.append((r["obs"], rerollout_on_host(h, spec, st, acts, 2, None, 0.8, seed=2)))
