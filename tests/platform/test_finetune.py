@@ -266,3 +266,42 @@ def test_finetune_killed_with_sigkill_then_resumed(tmp_path, bc_iql_checkpoint, 
     assert out.returncode == 0, out.stdout[-3000:]
     assert _comparable(killed) == _comparable(straight)
     _same_weights(straight / "checkpoints" / "192", killed / "checkpoints" / "192")
+
+
+def test_advantage_accuracy_bench_scores_every_estimator(tmp_path, bc_iql_checkpoint, ray_cluster, capsys,
+                                                         monkeypatch):
+    """bench/advantage_accuracy.py: one round's pairs scored by MC (two halves), the start's critics, GAE, TD
+    and a finetuned run's critics, each correlated with the MC reference; bad sizes and paths exit 2."""
+    import importlib.util
+    import math
+    import sys
+
+    from conftest import ROOT
+
+    run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, "iql", "ppo", "run.trial=t"), log=lambda *a: None)
+    spec = importlib.util.spec_from_file_location("advantage_accuracy", ROOT / "bench" / "advantage_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    over = ["--", "env.num_envs=2", "cluster.num_hosts=2", "finetune.steps_per_iter=8", "finetune.mc_horizon=6",
+            "env.reward_mode=normalized_dense"]
+    monkeypatch.setattr(sys, "argv", ["x", "--checkpoint", str(bc_iql_checkpoint), "--pairs", "16", "--samples", "2",
+                                      "--critics", str(run), *over])
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "16 (state, action) pairs" in out and "reliability of the reference" in out
+    rows = {ln.split("|")[1].strip(): [float(x) for x in ln.split("|")[2:6]] for ln in out.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| estimator")}
+    assert list(rows) == ["one MC half against the other", "start critics (IQL, round 1)", "gae (lambda 0.9, start V)",
+                          "td (lambda 0, start V)", "critics of t (end)"]
+    for name, (r, rho, sign, std) in rows.items():
+        assert all(math.isfinite(x) for x in (r, rho, sign, std)), name
+        assert -1 <= r <= 1 and -1 <= rho <= 1 and 0 <= sign <= 1 and std > 0, name
+    assert rows["critics of t (end)"] != rows["start critics (IQL, round 1)"]  # the run's critics were loaded
+    for bad, what in ((["--pairs", "0"], "--pairs must be >= 1"),
+                      (["--critics", str(tmp_path / "none")], "no checkpoint in"),
+                      (["--checkpoint", str(tmp_path / "none")], "")):
+        args = ["x", "--checkpoint", str(bc_iql_checkpoint), *bad, *over]
+        monkeypatch.setattr(sys, "argv", args)
+        assert bench.main() == 2
+        err = capsys.readouterr().err
+        assert what in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
