@@ -78,9 +78,14 @@ class SimHostImpl:
 
     def rebuild(self) -> None:
         """Close the sim and make a new one (then :meth:`reset` it): the envs lose every trace of what they
-        ran before, e.g. the PhysX contact caches that a CPU state restore does not bring back."""
+        ran before, e.g. the PhysX contact caches that a CPU state restore does not bring back.
+
+        CPU backend only; on the GPU backend this does nothing: re-creating a physx_cuda system inside a
+        running process, and whether GPU restores carry history, have not been verified on a GPU."""
         from offrl.envs import make_sim
 
+        if getattr(self.sim, "backend", "cpu") != "cpu":
+            return
         self.sim.close()
         self.sim = make_sim(self.env_cfg)
 
