@@ -299,7 +299,7 @@ def test_advantage_accuracy_bench_scores_every_estimator(tmp_path, bc_iql_checkp
     assert rows["critics of t (end)"] != rows["start critics (IQL, round 1)"]  # the run's critics were loaded
     for bad, what in ((["--pairs", "0"], "--pairs must be >= 1"),
                       (["--critics", str(tmp_path / "none")], "no checkpoint in"),
-                      (["--checkpoint", str(tmp_path / "none")], "")):
+                      (["--checkpoint", str(tmp_path / "none")], "checkpoint not found")):
         args = ["x", "--checkpoint", str(bc_iql_checkpoint), *bad, *over]
         monkeypatch.setattr(sys, "argv", args)
         assert bench.main() == 2

@@ -215,12 +215,12 @@ def test_rerollouts_leave_the_main_rollout_alone():
 
 def test_rebuilt_host_rerolls_like_a_fresh_one():
     """A host that has run episodes, evaluations and re-rollouts, rebuilt at a reset, rolls out and re-rolls
-    bit for bit like a host that has run nothing (finetuning's resume relies on it for MC)."""
+    bit for bit like a host that has run nothing (finetuning's exact resume relies on it)."""
     from offrl.platform.rerollout import rerollout_on_host
 
     cfg = {"num_envs": 2, "reward_mode": "sparse"}
     used, fresh = SimHostImpl(cfg, seed=4), SimHostImpl(cfg, seed=4)
-    spec = {"kind": "expert", "name": "auto", "noise": 0.3}
+    spec = {"kind": "expert", "name": "auto", "kwargs": {"action_noise": 0.3}}
     warm = used.rollout(spec, 60, policy_seed=9, record_states=True)
     rerollout_on_host(used, spec, stack_states([index_state(warm["states"][t], 1) for t in (7, 20)]), None, 2, None,
                       0.8, seed=1)
