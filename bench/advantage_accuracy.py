@@ -63,7 +63,7 @@ def _main() -> int:
     from offrl.platform.checkpoint import latest_checkpoint, load_checkpoint
     from offrl.platform.cluster import init_ray
     from offrl.platform.estimators import mc_advantages, rerollout_spec
-    from offrl.platform.finetune import _load_start
+    from offrl.platform.finetune import _flat, _load_start
     from offrl.platform.pretrain import actor_spec
     from offrl.platform.simhost import SimHostPool, concat_rollouts
 
@@ -108,8 +108,7 @@ def _main() -> int:
     r_half = float(np.corrcoef(a1, a2)[0, 1])
     reliability = 2 * r_half / (1 + r_half)
 
-    flat = {k: torch.from_numpy(np.ascontiguousarray(data[k].reshape(T * N, *data[k].shape[2:]))).float()
-            for k in ("obs", "actions", "next_obs")}
+    flat = {k: _flat(data[k]).float() for k in ("obs", "actions", "next_obs")}
     obs, act = flat["obs"][idx], flat["actions"][idx]
     with torch.no_grad():
         v = critics.v(flat["obs"]).reshape(T, N)
