@@ -9,7 +9,9 @@ scores them four ways:
 * ``mc``: Monte-Carlo re-rollouts from the restored simulator states (``finetune.mc_samples`` returns for
   Q and for V each, to the end of the episode), done twice with independent noise; the mean of the two is
   the reference, and the correlation between the two halves is its reliability (Spearman-Brown corrected
-  for the doubled sample), which bounds how well any estimator can correlate with it;
+  for the doubled sample), which bounds how well any estimator can correlate with it. Each half's own
+  estimate of its reliability from the spread within its pairs (``charts/mc_reliability`` in finetuning)
+  is printed beside it (``-- finetune.mc_common_noise=true`` pairs Q's and V's noise);
 * ``critics``: min of the target Q heads minus V of the start checkpoint's IQL critics (what the IQL and
   SARSA estimators use in round 1), and of every run given with ``--critics`` (their last checkpoint);
 * ``gae``: GAE(gamma, lambda) of the rollout with the start's V (GAE's warm start), one trajectory each;
@@ -138,6 +140,9 @@ def _main() -> int:
           f"nonzero {np.mean(ref != 0):.2f}")
     print(f"reliability of the reference: halves correlate {r_half:.3f} -> {reliability:.3f} for their mean; an "
           f"estimator's correlation with it is at most sqrt = {np.sqrt(max(reliability, 0)):.3f}")
+    print(f"reliability of one half estimated from the spread within its pairs (what finetuning logs as "
+          f"charts/mc_reliability): {mc[0][2]['reliability']:.3f}, {mc[1][2]['reliability']:.3f}; "
+          f"noise std of one pair's advantage {mc[0][2]['noise_std']:.4f}")
     print()
     print("| estimator | Pearson r with MC | Spearman rho | sign agrees (MC not 0) | std |")
     print("|---|---:|---:|---:|---:|")

@@ -584,6 +584,10 @@ class FinetuneConfig(_Checked):
     mc_samples: int = _f(2, "MC: re-rollouts per (state, action) and per state.")
     mc_horizon: Optional[int] = _f(None, "MC: re-rollout horizon cap in steps; null: the remaining steps of the "
                                          "episode's time limit (unbiased; a cap neglects the gamma^horizon tail).")
+    mc_common_noise: bool = _f(False, "MC: sample m of Q(s, a) and sample m of V(s) draw the same policy noise "
+                                      "at every step (common random numbers, TRPO's vine estimator), so their "
+                                      "difference is the action's effect, not two continuations' luck. "
+                                      "Needs a Gaussian MLP re-rollout policy.")
     mc_fraction: float = _f(0.25, "MC: fraction of each round's states re-rolled (the rest are not used).")
     rerollout_policy: Literal["current", "checkpoint", "expert"] = _f(
         "current", "MC: policy followed in re-rollouts: the current policy, a fixed checkpoint, or the scripted expert.")
@@ -668,6 +672,9 @@ class FinetuneConfig(_Checked):
         if self.advantage == "mc" and self.rerollout_policy == "current" and self.mc_samples < 2:
             raise ConfigError("mc_samples", "re-rolling with the current (stochastic) policy needs mc_samples >= 2, "
                                             f"got {self.mc_samples}")
+        if self.mc_common_noise and self.rerollout_policy == "expert":
+            raise ConfigError("mc_common_noise", "needs a Gaussian MLP re-rollout policy (current or checkpoint), "
+                                                 "not the scripted expert")
         if not 0.0 <= self.offline_ratio <= 1.0:
             raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
         if self.bc_coef < 0:

@@ -62,6 +62,7 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.replay_size=0", "finetune.replay_size", "must be >= 1"),
     ("finetune.mc_horizon=0", "finetune.mc_horizon", "or null"),
     ("finetune.replay=maybe", "finetune.replay", "true or false"),
+    ("finetune.mc_common_noise=maybe", "finetune.mc_common_noise", "true or false"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:
@@ -69,6 +70,13 @@ def test_errors_name_the_key_path(override, path, words):
     assert e.value.path == path
     assert f"'{path}'" in str(e.value) and words in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_common_rerollout_noise_needs_a_gaussian_policy():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["finetune.mc_common_noise=true", "finetune.rerollout_policy=expert"])
+    assert e.value.path == "finetune.mc_common_noise" and "not the scripted expert" in str(e.value)
+    assert load_config(None, ["finetune.mc_common_noise=true"]).finetune.mc_common_noise is True
 
 
 def test_obs_ignore_is_for_the_gaussian_mlp_only():

@@ -189,14 +189,17 @@ class GaussianActor(nn.Module):
 
     @torch.no_grad()
     def act_raw(self, obs: torch.Tensor, deterministic: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(env action in bounds, log-prob, raw action) where ``log_prob(obs, raw) == log-prob``."""
+                generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(env action in bounds, log-prob, raw action) where ``log_prob(obs, raw) == log-prob``.
+        ``noise [B, act_dim]``: the standard normal draws to use instead of drawing from ``generator``."""
         d = self.dist(obs)
         if deterministic:
             pre = d.mean
         else:
-            noise = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype)
-            pre = d.mean + d.stddev * noise
+            if noise is None:
+                noise = torch.randn(d.mean.shape, generator=generator, dtype=d.mean.dtype)
+            pre = d.mean + d.stddev * noise.to(d.mean.dtype)
         if self.squash == "tanh":
             u = torch.tanh(pre)
             logp = (d.log_prob(pre) - torch.log(1 - u.pow(2) + 1e-6)).sum(-1)

@@ -195,7 +195,8 @@ class MonteCarlo(Estimator):
         batch = {k: v[torch.from_numpy(idx)] for k, v in rnd.batch.items()}
         batch["adv"] = torch.from_numpy(adv)
         return batch, {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
-                       M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"]}
+                       M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"], M.MC_RELIABILITY: st["reliability"],
+                       M.MC_NOISE_STD: st["noise_std"]}
 
 
 def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: Any, rng: np.random.Generator,
@@ -204,9 +205,12 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
 
     Returns (flat indices into ``[T * N]``, advantages for them, stats).
     """
-    from offrl.algos.advantages import mc_rerollout_advantage
+    from offrl.algos.advantages import mc_reliability, mc_rerollout_advantage
     from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
 
+    if fc.mc_common_noise and (spec.get("kind") != "mlp" or spec.get("deterministic", False)):
+        raise OffrlError(f"finetune.mc_common_noise needs a stochastic Gaussian MLP re-rollout policy; "
+                         f"{fc.rerollout_policy!r} gives kind {spec.get('kind')!r}")
     T, N = data["rewards"].shape
     k = max(1, int(math.ceil(fc.mc_fraction * T * N)))
     chosen = np.sort(rng.choice(T * N, size=k, replace=False))
@@ -218,10 +222,13 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
         states.append(index_state(results[h]["states"][t], n - offsets[h]))
         actions.append(data["actions"][t, n])
     out = rerollout_pool(pool, spec, stack_states(states), np.stack(actions), fc.mc_samples, fc.mc_horizon,
-                         fc.gamma, seed, success_bonus)
-    adv, q, v = mc_rerollout_advantage(torch.from_numpy(out["q"]), torch.from_numpy(out["v"]))
+                         fc.gamma, seed, success_bonus, common_noise=fc.mc_common_noise)
+    qr, vr = torch.from_numpy(out["q"]), torch.from_numpy(out["v"])
+    adv, q, v = mc_rerollout_advantage(qr, vr)
+    rel, noise = mc_reliability(qr, vr) if fc.mc_samples >= 2 else (float("nan"), float("nan"))
     return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
-                                                    "q_mean": float(q.mean()), "v_mean": float(v.mean())}
+                                                    "q_mean": float(q.mean()), "v_mean": float(v.mean()),
+                                                    "reliability": rel, "noise_std": noise}
 
 
 def estimator_class(cfg: Any) -> type[Estimator]:

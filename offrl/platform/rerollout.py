@@ -4,7 +4,10 @@ A job is a saved single-env state ``s`` (from a rollout's ``states``) and, for Q
 A host restores up to ``num_envs`` jobs at once into its envs, takes ``a`` (Q) or a policy action (V),
 then follows the re-rollout policy until the episode ends or ``horizon`` steps have passed (``horizon=None``:
 until the episode ends, by success or by its time limit), and returns the discounted return of each of the
-``M`` samples. Sampling noise differs between samples. The host's
+``M`` samples. Sampling noise differs between samples. With ``common_noise`` (common random numbers, the
+"vine" estimator of Schulman et al. 2015, TRPO, Sec. 5.2) sample ``m`` of Q(s, a) and sample ``m`` of V(s)
+draw the same policy noise at every step, so Q_m - V_m differs by the first action and what follows from
+it, not by the luck of two independent continuations. The host's
 own rollout state (sim state, current observation, episode tracker) is saved before and restored after,
 so re-rollouts never disturb the main rollout.
 """
@@ -36,7 +39,7 @@ def index_state(state: dict, idx: Any) -> dict:
 
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
                      horizon: Optional[int], gamma: float, success_bonus: float = 0.0,
-                     live_only: bool = True) -> tuple[np.ndarray, int]:
+                     live_only: bool = True, noise: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
 
     ``horizon=None`` follows every re-rollout to the end of its episode: the restored ``elapsed_steps``
@@ -53,6 +56,10 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
     re-rollout's return depends slightly on what its env ran before, on either path. The host restores
     its sim afterwards (``SimHostImpl.preserved``) either way. ``success_bonus`` is added to the reward of
     a step that ends the episode with success (see :mod:`offrl.algos.rewards`).
+
+    ``noise [B, samples, steps, a]``: the standard normal draws of every re-rollout's policy at every step
+    (``steps`` at least the horizon), for a policy that takes ``noise=`` (:class:`MLPPolicy`); None: the
+    policy draws its own.
     """
     B = len(states["elapsed_steps"])
     K = sim.num_envs
@@ -78,11 +85,19 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
         disc = np.ones(K, np.float64)
         cur = full_obs if full_obs is not None else obs
         limit = int(sim.max_episode_steps) if horizon is None else int(horizon)
+        if noise is not None and noise.shape[2] < limit:
+            raise ValueError(f"noise covers {noise.shape[2]} steps, the re-rollouts take up to {limit}")
+        jb, jm = np.array([b for b, _ in chunk]), np.array([m for _, m in chunk])
         for t in range(limit):
-            act, _ = policy(cur, sim)
+            if noise is None:
+                act, _ = policy(cur, sim)
+            else:  # rows past the chunk hold no job: any draw will do
+                rows = np.zeros((K, noise.shape[3]), np.float32)
+                rows[:n] = noise[jb, jm, t]
+                act, _ = policy(cur, sim, noise=rows)
             if t == 0 and actions is not None:
                 act = act.copy()
-                act[:n] = actions[[b for b, _ in chunk]]
+                act[:n] = actions[jb]
             if step_active is not None:
                 cur, rew, term, trunc, info = step_active(act, alive)
             else:
@@ -101,27 +116,37 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
 
 def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
                       horizon: Optional[int], gamma: float, seed: int, success_bonus: float = 0.0,
-                      live_only: bool = True) -> dict:
-    """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched."""
+                      live_only: bool = True, common_noise: bool = False) -> dict:
+    """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched.
+    ``common_noise``: Q's and V's sample ``m`` of a job share one table of policy noise (Gaussian MLP policies)."""
     from offrl.platform.rollout import build_policy
 
     t0 = time.perf_counter()
     with host.preserved() as sim:
         policy = build_policy(policy_spec, sim, seed=seed)
-        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus, live_only)
+        noise = None
+        if common_noise:
+            if policy_spec.get("kind") != "mlp" or policy_spec.get("deterministic", False):
+                raise ValueError("common re-rollout noise needs a stochastic Gaussian MLP re-rollout policy, got "
+                                 f"kind {policy_spec.get('kind')!r}")
+            steps_max = int(sim.max_episode_steps) if horizon is None else int(horizon)
+            noise = np.random.default_rng(seed).standard_normal(
+                (len(states["elapsed_steps"]), samples, steps_max, len(sim.action_low)), dtype=np.float32)
+        q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus, live_only,
+                                    noise)
         v = None
         if actions is not None:
             v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma, success_bonus,
-                                          live_only)
+                                          live_only, noise)
             steps += steps_v
     return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
 def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
                    horizon: Optional[int], gamma: float, seed: int = 0, success_bonus: float = 0.0,
-                   live_only: bool = True) -> dict:
+                   live_only: bool = True, common_noise: bool = False) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
-    total env steps and wall seconds."""
+    total env steps and wall seconds. ``common_noise``: see :func:`rerollout_on_host`."""
     B = len(states["elapsed_steps"])
     parts = np.array_split(np.arange(B), len(pool))
     refs, order = [], []
@@ -131,7 +156,8 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
             continue
         sub_actions = None if actions is None else actions[idx]
         refs.append(h.apply.remote(rerollout_on_host, policy_spec, index_state(states, idx), sub_actions,
-                                   samples, horizon, gamma, seed + 7919 * i, success_bonus, live_only))
+                                   samples, horizon, gamma, seed + 7919 * i, success_bonus, live_only,
+                                   common_noise))
         order.append(idx)
     results = pool._get(refs)
     q = np.zeros((B, samples))

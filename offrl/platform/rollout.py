@@ -36,8 +36,10 @@ class MLPPolicy:
         self.deterministic = deterministic
         self.gen = torch.Generator().manual_seed(int(seed))
 
-    def __call__(self, obs: np.ndarray, sim: Any) -> tuple[np.ndarray, np.ndarray]:
-        a, logp, raw = self.net.act_raw(torch.from_numpy(obs), deterministic=self.deterministic, generator=self.gen)
+    def __call__(self, obs: np.ndarray, sim: Any, noise: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """``noise [N, a]``: standard normal draws to use instead of the policy's own generator."""
+        a, logp, raw = self.net.act_raw(torch.from_numpy(obs), deterministic=self.deterministic, generator=self.gen,
+                                        noise=None if noise is None else torch.from_numpy(noise))
         self.last_raw = raw.numpy()
         return a.numpy(), logp.numpy()
 

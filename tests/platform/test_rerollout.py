@@ -238,3 +238,79 @@ def test_rebuilt_host_rerolls_like_a_fresh_one():
     assert ra["steps"] == rb["steps"] > 0
     used.close()
     fresh.close()
+
+
+def noisy_walk(obs, sim, noise=None, rng=np.random.default_rng(0)):
+    """A Gaussian chain policy, mean 0.3, std 1: right when its draw is positive (draws from ``noise`` if given)."""
+    eps = rng.standard_normal((obs.shape[0], 1)).astype(np.float32) if noise is None else noise
+    return (0.3 + eps).astype(np.float32), np.zeros(obs.shape[0], np.float32)
+
+
+def test_common_noise_pairs_q_and_v_samples_on_the_chain():
+    """Common random numbers: sample m of Q(x, right) and of V(x) share every policy draw, so the walk after
+    the first step is the same one, started one place further right (or the same place, where V's first draw
+    also went right). Q_m - V_m is then never negative and exactly 0 where V stepped right; with independent
+    draws the per-sample differences take both signs."""
+    L, g, S, H = 6, 0.9, 64, 40
+    sim = ChainSim(n=8, L=L, max_episode_steps=H)
+    xs = np.array([1, 2, 3])
+    states = {"sim": {"x": xs}, "elapsed_steps": np.zeros(3, np.int64), "obs": xs[:, None].astype(np.float32)}
+    right = np.ones((3, 1), np.float32)
+    noise = np.random.default_rng(7).standard_normal((3, S, H, 1)).astype(np.float32)
+    q, _ = rerollout_on_sim(sim, noisy_walk, states, right, samples=S, horizon=H, gamma=g, noise=noise)
+    v, _ = rerollout_on_sim(sim, noisy_walk, states, None, samples=S, horizon=H, gamma=g, noise=noise)
+    d = q - v
+    v_right = 0.3 + noise[:, :, 0, 0] > 0
+    assert (d >= 0).all()
+    np.testing.assert_array_equal(d[v_right], 0.0)
+    assert (d[~v_right] > 0).any()
+    qi, _ = rerollout_on_sim(sim, noisy_walk, states, right, samples=S, horizon=H, gamma=g)
+    vi, _ = rerollout_on_sim(sim, noisy_walk, states, None, samples=S, horizon=H, gamma=g)
+    assert ((qi - vi) < 0).any() and ((qi - vi) > 0).any()
+    with pytest.raises(ValueError, match="noise covers 5 steps"):
+        rerollout_on_sim(sim, noisy_walk, states, right, samples=S, horizon=H, gamma=g, noise=noise[:, :, :5])
+
+
+def test_common_noise_on_pickcube_hosts():
+    """On a real PickCube host with a Gaussian MLP policy: when a job's given first action is the one V's
+    sample would draw from the shared noise table, Q's and V's re-rollouts take the same actions throughout and
+    return the same; a chunked policy or the expert is refused."""
+    from offrl.algos.networks import GaussianActor
+    from offrl.platform.pretrain import actor_spec
+    from offrl.platform.rerollout import rerollout_on_host
+    from offrl.platform.rollout import MLPPolicy
+
+    host = SimHostImpl({"num_envs": 3, "reward_mode": "normalized_dense"}, seed=2)
+    try:
+        info = host.spec()
+        arch = {"obs_dim": info["obs_dim"], "act_dim": info["act_dim"], "hidden": [32, 32], "log_std_init": -1.0}
+        torch.manual_seed(0)
+        spec = actor_spec(GaussianActor(**arch), arch, deterministic=False)
+        r = host.rollout(spec, 12, reset_seed=3, record_states=True, policy_seed=1)
+        jobs = [(t, n) for t in (2, 9) for n in range(3)]
+        st = stack_states([index_state(r["states"][t], n) for t, n in jobs])
+        seed, H = 11, 6
+        table = np.random.default_rng(seed).standard_normal((len(jobs), 1, H, info["act_dim"]), dtype=np.float32)
+        obs = np.stack([r["obs"][t, n] for t, n in jobs]).astype(np.float32)
+        first, _ = MLPPolicy(spec["arch"], spec["weights"])(obs, None, noise=table[:, 0, 0])
+        out = rerollout_on_host(host, spec, st, first, 1, H, 0.8, seed=seed, common_noise=True)
+        np.testing.assert_allclose(out["q"], out["v"], rtol=1e-4, atol=1e-5)
+        other = rerollout_on_host(host, spec, st, -first, 1, H, 0.8, seed=seed, common_noise=True)
+        assert not np.allclose(other["q"], other["v"], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="Gaussian MLP"):
+            rerollout_on_host(host, {"kind": "expert", "name": "auto"}, st, first, 1, H, 0.8, seed=seed,
+                              common_noise=True)
+    finally:
+        host.close()
+
+
+def test_mc_common_noise_refuses_a_policy_without_gaussian_noise():
+    """A fixed re-rollout checkpoint that is a chunked or diffusion policy has no per-step Gaussian draws to share."""
+    from offrl.config import load_config
+    from offrl.errors import OffrlError
+    from offrl.platform.estimators import mc_advantages
+
+    fc = load_config(None, ["finetune.mc_common_noise=true"]).finetune
+    for spec in ({"kind": "mlp_chunk"}, {"kind": "mlp", "deterministic": True}):
+        with pytest.raises(OffrlError, match="mc_common_noise needs a stochastic Gaussian MLP"):
+            mc_advantages(None, [], {}, spec, fc, np.random.default_rng(0), seed=0)
