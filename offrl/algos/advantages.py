@@ -99,9 +99,11 @@ def mc_reliability(q_returns: torch.Tensor, v_returns: torch.Tensor) -> tuple[fl
     Each pair's advantage ``A_i = mean_m q_im - mean_m v_im`` carries sampling noise of variance
     ``var_m(q_im - v_im) / M`` (unbiased for independent samples, and for samples paired by common noise);
     its mean over the pairs is the noise variance ``N``. The advantages' variance over the pairs is
-    ``T = signal + N``, so ``1 - N / T``, clipped to [0, 1], estimates the share that is signal: the
-    squared correlation of ``A`` with the advantages an infinite number of re-rollouts would give, the
-    James-Stein shrinkage factor towards the batch mean. Needs ``M >= 2``; 0 when ``T`` is 0.
+    ``T = signal + N``, so ``1 - N / T`` estimates the share that is signal: the squared correlation of
+    ``A`` with the advantages an infinite number of re-rollouts would give, the James-Stein shrinkage
+    factor towards the batch mean. It is not clipped at 0: below 0 the noise alone accounts for more than
+    the spread (no signal detected), and averaging over rounds stays unbiased by a clip. Needs ``M >= 2``;
+    0 when ``T`` is 0.
     """
     B, M = q_returns.shape
     if M < 2 or v_returns.shape != q_returns.shape:
@@ -110,7 +112,7 @@ def mc_reliability(q_returns: torch.Tensor, v_returns: torch.Tensor) -> tuple[fl
     d = (q_returns - v_returns).double()
     noise = float((d.var(1, unbiased=True) / M).mean())
     total = float(d.mean(1).var(unbiased=True)) if B > 1 else 0.0
-    rel = 0.0 if total <= 0 else min(1.0, max(0.0, 1.0 - noise / total))
+    rel = 0.0 if total <= 0 else 1.0 - noise / total
     return rel, noise ** 0.5
 
 
