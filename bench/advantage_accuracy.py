@@ -140,9 +140,10 @@ def _main() -> int:
           f"nonzero {np.mean(ref != 0):.2f}")
     print(f"reliability of the reference: halves correlate {r_half:.3f} -> {reliability:.3f} for their mean; an "
           f"estimator's correlation with it is at most sqrt = {np.sqrt(max(reliability, 0)):.3f}")
-    print(f"reliability of one half estimated from the spread within its pairs (what finetuning logs as "
-          f"charts/mc_reliability): {mc[0][2]['reliability']:.3f}, {mc[1][2]['reliability']:.3f}; "
-          f"noise std of one pair's advantage {mc[0][2]['noise_std']:.4f}")
+    if mc[0][2]["reliability"] is not None:  # needs --samples >= 2
+        print(f"reliability of one half estimated from the spread within its pairs (what finetuning logs as "
+              f"charts/mc_reliability): {mc[0][2]['reliability']:.3f}, {mc[1][2]['reliability']:.3f}; "
+              f"noise std of one pair's advantage {mc[0][2]['noise_std']:.4f}")
     print()
     print("| estimator | Pearson r with MC | Spearman rho | sign agrees (MC not 0) | std |")
     print("|---|---:|---:|---:|---:|")

@@ -194,16 +194,19 @@ class MonteCarlo(Estimator):
         self.rerollout_steps += st["steps"]
         batch = {k: v[torch.from_numpy(idx)] for k, v in rnd.batch.items()}
         batch["adv"] = torch.from_numpy(adv)
-        return batch, {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
-                       M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"], M.MC_RELIABILITY: st["reliability"],
-                       M.MC_NOISE_STD: st["noise_std"]}
+        row = {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
+               M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"]}
+        if st["reliability"] is not None:  # needs mc_samples >= 2
+            row.update({M.MC_RELIABILITY: st["reliability"], M.MC_NOISE_STD: st["noise_std"]})
+        return batch, row
 
 
 def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: Any, rng: np.random.Generator,
                   seed: int, success_bonus: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Re-roll a random ``fc.mc_fraction`` of the round's (state, action) pairs inside the actors.
 
-    Returns (flat indices into ``[T * N]``, advantages for them, stats).
+    Returns (flat indices into ``[T * N]``, advantages for them, stats; the stats' ``reliability`` and
+    ``noise_std`` are None with one sample).
     """
     from offrl.algos.advantages import mc_reliability, mc_rerollout_advantage
     from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
@@ -225,7 +228,7 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
                          fc.gamma, seed, success_bonus, common_noise=fc.mc_common_noise)
     qr, vr = torch.from_numpy(out["q"]), torch.from_numpy(out["v"])
     adv, q, v = mc_rerollout_advantage(qr, vr)
-    rel, noise = mc_reliability(qr, vr) if fc.mc_samples >= 2 else (float("nan"), float("nan"))
+    rel, noise = mc_reliability(qr, vr) if fc.mc_samples >= 2 else (None, None)
     return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
                                                     "q_mean": float(q.mean()), "v_mean": float(v.mean()),
                                                     "reliability": rel, "noise_std": noise}

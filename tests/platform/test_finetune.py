@@ -300,6 +300,10 @@ def test_advantage_accuracy_bench_scores_every_estimator(tmp_path, bc_iql_checkp
         assert all(math.isfinite(x) for x in (r, rho, sign, std)), name
         assert -1 <= r <= 1 and -1 <= rho <= 1 and 0 <= sign <= 1 and std > 0, name
     assert rows["critics of t (end)"] != rows["start critics (IQL, round 1)"]  # the run's critics were loaded
+    monkeypatch.setattr(sys, "argv", ["x", "--checkpoint", str(bc_iql_checkpoint), "--pairs", "4", "--samples", "1",
+                                      *over])
+    assert bench.main() == 0  # one sample a side: no within-pair reliability to print
+    assert "charts/mc_reliability" not in capsys.readouterr().out
     for bad, what in ((["--pairs", "0"], "--pairs must be >= 1"),
                       (["--critics", str(tmp_path / "none")], "no checkpoint in"),
                       (["--checkpoint", str(tmp_path / "none")], "checkpoint not found")):
