@@ -209,9 +209,9 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
     ``noise_std`` are None with one sample).
     """
     from offrl.algos.advantages import mc_reliability, mc_rerollout_advantage
-    from offrl.platform.rerollout import index_state, rerollout_pool, stack_states
+    from offrl.platform.rerollout import draws_gaussian_noise, index_state, rerollout_pool, stack_states
 
-    if fc.mc_common_noise and (spec.get("kind") != "mlp" or spec.get("deterministic", False)):
+    if fc.mc_common_noise and not draws_gaussian_noise(spec):
         raise OffrlError(f"finetune.mc_common_noise needs a stochastic Gaussian MLP re-rollout policy; "
                          f"{fc.rerollout_policy!r} gives kind {spec.get('kind')!r}")
     T, N = data["rewards"].shape

@@ -37,6 +37,17 @@ def index_state(state: dict, idx: Any) -> dict:
     return {k: (index_state(v, idx) if isinstance(v, dict) else v[idx]) for k, v in state.items()}
 
 
+def draws_gaussian_noise(policy_spec: dict) -> bool:
+    """Whether a policy spec samples per-step standard normal noise that re-rollouts can share (a stochastic
+    Gaussian MLP; not chunked, diffusion, expert or deterministic policies)."""
+    return policy_spec.get("kind") == "mlp" and not policy_spec.get("deterministic", False)
+
+
+def _max_steps(sim: Any, horizon: Optional[int]) -> int:
+    """The most steps a re-rollout takes: the horizon, or the episode's time limit when it is None."""
+    return int(sim.max_episode_steps) if horizon is None else int(horizon)
+
+
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
                      horizon: Optional[int], gamma: float, success_bonus: float = 0.0,
                      live_only: bool = True, noise: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
@@ -69,6 +80,9 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
     # a sim that can step a subset of its envs (the CPU backend) steps only the live re-rollouts and resets
     # none; the others step every env, finished ones included (auto-reset), and ignore what they return
     step_active = getattr(sim, "step_active", None) if live_only else None
+    limit = _max_steps(sim, horizon)
+    if noise is not None and noise.shape[2] < limit:
+        raise ValueError(f"noise covers {noise.shape[2]} steps, the re-rollouts take up to {limit}")
     for start in range(0, len(jobs), K):
         chunk = jobs[start:start + K]
         n = len(chunk)
@@ -84,9 +98,6 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
         ret = np.zeros(K, np.float64)
         disc = np.ones(K, np.float64)
         cur = full_obs if full_obs is not None else obs
-        limit = int(sim.max_episode_steps) if horizon is None else int(horizon)
-        if noise is not None and noise.shape[2] < limit:
-            raise ValueError(f"noise covers {noise.shape[2]} steps, the re-rollouts take up to {limit}")
         jb, jm = np.array([b for b, _ in chunk]), np.array([m for _, m in chunk])
         for t in range(limit):
             if noise is None:
@@ -126,12 +137,12 @@ def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optio
         policy = build_policy(policy_spec, sim, seed=seed)
         noise = None
         if common_noise:
-            if policy_spec.get("kind") != "mlp" or policy_spec.get("deterministic", False):
+            if not draws_gaussian_noise(policy_spec):
                 raise ValueError("common re-rollout noise needs a stochastic Gaussian MLP re-rollout policy, got "
                                  f"kind {policy_spec.get('kind')!r}")
-            steps_max = int(sim.max_episode_steps) if horizon is None else int(horizon)
             noise = np.random.default_rng(seed).standard_normal(
-                (len(states["elapsed_steps"]), samples, steps_max, len(sim.action_low)), dtype=np.float32)
+                (len(states["elapsed_steps"]), samples, _max_steps(sim, horizon), len(sim.action_low)),
+                dtype=np.float32)
         q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus, live_only,
                                     noise)
         v = None
