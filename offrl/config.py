@@ -588,6 +588,11 @@ class FinetuneConfig(_Checked):
                                       "at every step (common random numbers, TRPO's vine estimator), so their "
                                       "difference is the action's effect, not two continuations' luck. "
                                       "Needs a Gaussian MLP re-rollout policy.")
+    mc_v_actions: bool = _f(False, "MC: also learn from the first action of each of V's re-rollouts, an on-policy "
+                                   "draw whose return is known; its advantage is that return minus the mean of the "
+                                   "state's other re-rollouts (leave-one-out, unbiased). A state then gives "
+                                   "mc_samples + 1 advantages from the same re-rollouts instead of 1. Needs the "
+                                   "current policy as a Gaussian MLP (rerollout_policy: current).")
     mc_fraction: float = _f(0.25, "MC: fraction of each round's states re-rolled (the rest are not used).")
     rerollout_policy: Literal["current", "checkpoint", "expert"] = _f(
         "current", "MC: policy followed in re-rollouts: the current policy, a fixed checkpoint, or the scripted expert.")
@@ -675,6 +680,9 @@ class FinetuneConfig(_Checked):
         if self.mc_common_noise and self.rerollout_policy == "expert":
             raise ConfigError("mc_common_noise", "needs a Gaussian MLP re-rollout policy (current or checkpoint), "
                                                  "not the scripted expert")
+        if self.mc_v_actions and self.rerollout_policy != "current":
+            raise ConfigError("mc_v_actions", "needs rerollout_policy: current (V's first actions must be draws of "
+                                              f"the policy being trained), got {self.rerollout_policy!r}")
         if not 0.0 <= self.offline_ratio <= 1.0:
             raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
         if self.bc_coef < 0:

@@ -63,6 +63,7 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.mc_horizon=0", "finetune.mc_horizon", "or null"),
     ("finetune.replay=maybe", "finetune.replay", "true or false"),
     ("finetune.mc_common_noise=maybe", "finetune.mc_common_noise", "true or false"),
+    ("finetune.mc_v_actions=maybe", "finetune.mc_v_actions", "true or false"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:
@@ -77,6 +78,15 @@ def test_common_rerollout_noise_needs_a_gaussian_policy():
         load_config(None, ["finetune.mc_common_noise=true", "finetune.rerollout_policy=expert"])
     assert e.value.path == "finetune.mc_common_noise" and "not the scripted expert" in str(e.value)
     assert load_config(None, ["finetune.mc_common_noise=true"]).finetune.mc_common_noise is True
+
+
+def test_learning_from_v_first_actions_needs_the_current_policy():
+    for policy in ("expert", "checkpoint"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, ["finetune.mc_v_actions=true", f"finetune.rerollout_policy={policy}",
+                               "finetune.rerollout_checkpoint=somewhere"])
+        assert e.value.path == "finetune.mc_v_actions" and f"got '{policy}'" in str(e.value)
+    assert load_config(None, ["finetune.mc_v_actions=true"]).finetune.mc_v_actions is True
 
 
 def test_obs_ignore_is_for_the_gaussian_mlp_only():

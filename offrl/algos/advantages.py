@@ -93,6 +93,24 @@ def mc_rerollout_advantage(q_returns: torch.Tensor, v_returns: torch.Tensor) -> 
     return q - v, q, v
 
 
+def mc_v_action_advantage(q_returns: torch.Tensor, v_returns: torch.Tensor) -> torch.Tensor:
+    """Advantages of the first actions of V's re-rollouts: ``[B, M]`` returns in, ``[B, M]`` out.
+
+    Each of V's ``M`` re-rollouts from ``s`` starts with an action the policy drew, so it is one sample of
+    Q(s, a'_m) for an on-policy action of its own. Its advantage is its return minus the mean of the
+    state's other ``2M - 1`` re-rollouts (Q's ``M`` and V's other ``M - 1``), a leave-one-out baseline
+    that does not depend on ``a'_m``, so the estimate stays unbiased (the RLOO / vine estimator). With
+    :func:`mc_rerollout_advantage` for the rollout's own action, one state then yields ``M + 1``
+    advantages from the same ``2M`` re-rollouts instead of one.
+    """
+    if q_returns.dim() != 2 or q_returns.shape != v_returns.shape:
+        raise ValueError(f"need [B, M] returns of one shape, got {tuple(q_returns.shape)} and "
+                         f"{tuple(v_returns.shape)}")
+    M = q_returns.shape[1]
+    total = q_returns.sum(1, keepdim=True) + v_returns.sum(1, keepdim=True)
+    return v_returns - (total - v_returns) / (2 * M - 1)
+
+
 def mc_reliability(q_returns: torch.Tensor, v_returns: torch.Tensor) -> tuple[float, float]:
     """How much of the spread of MC advantages over a batch of pairs is signal: ``(reliability, noise std)``.
 

@@ -194,6 +194,9 @@ class MonteCarlo(Estimator):
         self.rerollout_steps += st["steps"]
         batch = {k: v[torch.from_numpy(idx)] for k, v in rnd.batch.items()}
         batch["adv"] = torch.from_numpy(adv)
+        if st["v_rows"] is not None:  # V's first actions join; they have no next step, so the batch is the policy's
+            batch = {k: torch.cat([batch[k], torch.from_numpy(v).to(batch[k].dtype)])
+                     for k, v in st["v_rows"].items()}
         row = {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
                M.MC_Q_MEAN: st["q_mean"], M.MC_V_MEAN: st["v_mean"]}
         if st["reliability"] is not None:  # needs mc_samples >= 2
@@ -206,14 +209,17 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
     """Re-roll a random ``fc.mc_fraction`` of the round's (state, action) pairs inside the actors.
 
     Returns (flat indices into ``[T * N]``, advantages for them, stats; the stats' ``reliability`` and
-    ``noise_std`` are None with one sample).
+    ``noise_std`` are None with one sample). With ``fc.mc_v_actions`` the stats' ``v_rows`` holds the first
+    actions of V's re-rollouts as flat rows (``obs``, ``actions``, ``raw_actions``, ``logprob``, ``adv``;
+    :func:`offrl.algos.advantages.mc_v_action_advantage`), else None.
     """
-    from offrl.algos.advantages import mc_reliability, mc_rerollout_advantage
+    from offrl.algos.advantages import mc_reliability, mc_rerollout_advantage, mc_v_action_advantage
     from offrl.platform.rerollout import draws_gaussian_noise, index_state, rerollout_pool, stack_states
 
-    if fc.mc_common_noise and not draws_gaussian_noise(spec):
-        raise OffrlError(f"finetune.mc_common_noise needs a stochastic Gaussian MLP re-rollout policy; "
-                         f"{fc.rerollout_policy!r} gives kind {spec.get('kind')!r}")
+    for key in ("mc_common_noise", "mc_v_actions"):
+        if getattr(fc, key) and not draws_gaussian_noise(spec):
+            raise OffrlError(f"finetune.{key} needs a stochastic Gaussian MLP re-rollout policy; "
+                             f"{fc.rerollout_policy!r} gives kind {spec.get('kind')!r}")
     T, N = data["rewards"].shape
     k = max(1, int(math.ceil(fc.mc_fraction * T * N)))
     chosen = np.sort(rng.choice(T * N, size=k, replace=False))
@@ -225,13 +231,18 @@ def mc_advantages(pool: Any, results: list[dict], data: dict, spec: dict, fc: An
         states.append(index_state(results[h]["states"][t], n - offsets[h]))
         actions.append(data["actions"][t, n])
     out = rerollout_pool(pool, spec, stack_states(states), np.stack(actions), fc.mc_samples, fc.mc_horizon,
-                         fc.gamma, seed, success_bonus, common_noise=fc.mc_common_noise)
+                         fc.gamma, seed, success_bonus, common_noise=fc.mc_common_noise, v_actions=fc.mc_v_actions)
     qr, vr = torch.from_numpy(out["q"]), torch.from_numpy(out["v"])
     adv, q, v = mc_rerollout_advantage(qr, vr)
     rel, noise = mc_reliability(qr, vr) if fc.mc_samples >= 2 else (None, None)
+    v_rows = None
+    if fc.mc_v_actions:
+        first = out["v_first"]
+        v_rows = {k: first[k].reshape((-1,) + first[k].shape[2:]) for k in ("obs", "actions", "raw_actions", "logprob")}
+        v_rows["adv"] = mc_v_action_advantage(qr, vr).numpy().reshape(-1).astype(np.float32)
     return chosen, adv.numpy().astype(np.float32), {"steps": out["steps"], "seconds": out["seconds"],
                                                     "q_mean": float(q.mean()), "v_mean": float(v.mean()),
-                                                    "reliability": rel, "noise_std": noise}
+                                                    "reliability": rel, "noise_std": noise, "v_rows": v_rows}
 
 
 def estimator_class(cfg: Any) -> type[Estimator]:

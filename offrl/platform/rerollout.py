@@ -50,7 +50,8 @@ def _max_steps(sim: Any, horizon: Optional[int]) -> int:
 
 def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.ndarray], samples: int,
                      horizon: Optional[int], gamma: float, success_bonus: float = 0.0,
-                     live_only: bool = True, noise: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+                     live_only: bool = True, noise: Optional[np.ndarray] = None,
+                     first: Optional[dict] = None) -> tuple[np.ndarray, int]:
     """Discounted returns ``[B, samples]`` of re-rollouts from the ``B`` states in ``states``.
 
     ``horizon=None`` follows every re-rollout to the end of its episode: the restored ``elapsed_steps``
@@ -71,6 +72,11 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
     ``noise [B, samples, steps, a]``: the standard normal draws of every re-rollout's policy at every step
     (``steps`` at least the horizon), for a policy that takes ``noise=`` (:class:`MLPPolicy`); None: the
     policy draws its own.
+
+    ``first``: with ``actions`` None and a policy that keeps its raw draw (:class:`MLPPolicy`), filled with
+    the observation, env action, raw action and log-prob of every re-rollout's first step (``[B, samples,
+    ...]`` arrays under ``obs``, ``actions``, ``raw_actions``, ``logprob``): the on-policy actions whose
+    returns V's samples are.
     """
     B = len(states["elapsed_steps"])
     K = sim.num_envs
@@ -101,14 +107,17 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
         jb, jm = np.array([b for b, _ in chunk]), np.array([m for _, m in chunk])
         for t in range(limit):
             if noise is None:
-                act, _ = policy(cur, sim)
+                act, logp = policy(cur, sim)
             else:  # rows past the chunk hold no job: any draw will do
                 rows = np.zeros((K, noise.shape[3]), np.float32)
                 rows[:n] = noise[jb, jm, t]
-                act, _ = policy(cur, sim, noise=rows)
+                act, logp = policy(cur, sim, noise=rows)
             if t == 0 and actions is not None:
                 act = act.copy()
                 act[:n] = actions[jb]
+            elif t == 0 and first is not None:
+                _record_first(first, (B, samples), jb, jm, {"obs": cur[:n], "actions": act[:n],
+                                                            "raw_actions": policy.last_raw[:n], "logprob": logp[:n]})
             if step_active is not None:
                 cur, rew, term, trunc, info = step_active(act, alive)
             else:
@@ -125,39 +134,54 @@ def rerollout_on_sim(sim: Any, policy: Any, states: dict, actions: Optional[np.n
     return out, steps
 
 
+def _record_first(first: dict, shape: tuple[int, int], jb: np.ndarray, jm: np.ndarray, rows: dict) -> None:
+    """Write one chunk's first-step ``rows`` into ``first``'s ``[B, samples, ...]`` arrays at (jb, jm)."""
+    for k, v in rows.items():
+        v = np.asarray(v)
+        if k not in first:
+            first[k] = np.zeros(shape + v.shape[1:], np.float32)
+        first[k][jb, jm] = v
+
+
 def rerollout_on_host(host: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
                       horizon: Optional[int], gamma: float, seed: int, success_bonus: float = 0.0,
-                      live_only: bool = True, common_noise: bool = False) -> dict:
+                      live_only: bool = True, common_noise: bool = False, v_actions: bool = False) -> dict:
     """SimHost entry point (``host.apply``): re-rollouts with the host's sim, leaving its rollout untouched.
-    ``common_noise``: Q's and V's sample ``m`` of a job share one table of policy noise (Gaussian MLP policies)."""
+    ``common_noise``: Q's and V's sample ``m`` of a job share one table of policy noise (Gaussian MLP policies).
+    ``v_actions``: also return ``v_first``, the first step of each of V's samples (see :func:`rerollout_on_sim`)."""
     from offrl.platform.rollout import build_policy
 
     t0 = time.perf_counter()
+    for wanted, what in ((common_noise, "common re-rollout noise"), (v_actions, "learning from V's first actions")):
+        if wanted and not draws_gaussian_noise(policy_spec):
+            raise ValueError(f"{what} needs a stochastic Gaussian MLP re-rollout policy, got "
+                             f"kind {policy_spec.get('kind')!r}")
     with host.preserved() as sim:
         policy = build_policy(policy_spec, sim, seed=seed)
         noise = None
         if common_noise:
-            if not draws_gaussian_noise(policy_spec):
-                raise ValueError("common re-rollout noise needs a stochastic Gaussian MLP re-rollout policy, got "
-                                 f"kind {policy_spec.get('kind')!r}")
             noise = np.random.default_rng(seed).standard_normal(
                 (len(states["elapsed_steps"]), samples, _max_steps(sim, horizon), len(sim.action_low)),
                 dtype=np.float32)
         q, steps = rerollout_on_sim(sim, policy, states, actions, samples, horizon, gamma, success_bonus, live_only,
                                     noise)
-        v = None
+        v, first = None, ({} if v_actions else None)
         if actions is not None:
             v, steps_v = rerollout_on_sim(sim, policy, states, None, samples, horizon, gamma, success_bonus,
-                                          live_only, noise)
+                                          live_only, noise, first)
             steps += steps_v
-    return {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
+    out = {"q": q, "v": v, "steps": steps, "seconds": time.perf_counter() - t0}
+    if first is not None and v is not None:
+        out["v_first"] = first
+    return out
 
 
 def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional[np.ndarray], samples: int,
                    horizon: Optional[int], gamma: float, seed: int = 0, success_bonus: float = 0.0,
-                   live_only: bool = True, common_noise: bool = False) -> dict:
+                   live_only: bool = True, common_noise: bool = False, v_actions: bool = False) -> dict:
     """Spread ``B`` jobs over the pool's hosts; returns q ``[B, M]``, v ``[B, M]`` (when actions given),
-    total env steps and wall seconds. ``common_noise``: see :func:`rerollout_on_host`."""
+    total env steps and wall seconds; with ``v_actions`` (and actions given) also ``v_first``, ``[B, M, ...]``
+    arrays of V's first steps. ``common_noise``, ``v_actions``: see :func:`rerollout_on_host`."""
     B = len(states["elapsed_steps"])
     parts = np.array_split(np.arange(B), len(pool))
     refs, order = [], []
@@ -168,13 +192,19 @@ def rerollout_pool(pool: Any, policy_spec: dict, states: dict, actions: Optional
         sub_actions = None if actions is None else actions[idx]
         refs.append(h.apply.remote(rerollout_on_host, policy_spec, index_state(states, idx), sub_actions,
                                    samples, horizon, gamma, seed + 7919 * i, success_bonus, live_only,
-                                   common_noise))
+                                   common_noise, v_actions))
         order.append(idx)
     results = pool._get(refs)
     q = np.zeros((B, samples))
     v = np.zeros((B, samples)) if actions is not None else None
+    first: dict = {}
     for idx, r in zip(order, results):
         q[idx] = r["q"]
         if v is not None:
             v[idx] = r["v"]
-    return {"q": q, "v": v, "steps": sum(r["steps"] for r in results), "seconds": time.perf_counter() - t0}
+        for k, a in r.get("v_first", {}).items():
+            first.setdefault(k, np.zeros((B,) + a.shape[1:], a.dtype))[idx] = a
+    out = {"q": q, "v": v, "steps": sum(r["steps"] for r in results), "seconds": time.perf_counter() - t0}
+    if first:
+        out["v_first"] = first
+    return out

@@ -132,6 +132,23 @@ def test_kept_rounds_join_each_rounds_batch(tmp_path, bc_iql_checkpoint, adv, up
     assert all(np.isfinite(float(r["losses/approx_kl"])) for r in rows[2:])  # GAE: round 1 trains V only
 
 
+@pytest.mark.parametrize("upd", ["awr", "ppo"])
+def test_mc_learns_from_v_first_actions(tmp_path, bc_iql_checkpoint, upd, ray_cluster):
+    """finetune.mc_v_actions: each re-rolled state adds its mc_samples V draws to the batch, so a round learns
+    from 8 x (1 + 2) = 24 advantages instead of 8, at the same re-rollout cost."""
+    run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, "mc", upd, "finetune.mc_v_actions=true"),
+                           log=lambda *a: None)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))[1:]
+    plain = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, "mc", upd, "run.trial=plain"), log=lambda *a: None)
+    base = list(csv.DictReader(open(plain / "metrics.csv")))[1:]
+    assert [float(r["charts/advantage_samples"]) for r in rows] == [24.0, 24.0]
+    # round 1: the same rollout and the same re-rollouts (cost, and Q of the rollout's own pairs) as without
+    for key in ("time/rerollout_steps", "charts/mc_q_mean", "charts/mc_v_mean"):
+        assert rows[0][key] == base[0][key], key
+    assert all(np.isfinite(float(r["losses/approx_kl"])) and np.isfinite(float(r["losses/policy_loss"]))
+               for r in rows)
+
+
 RECAP = [("gae", ["finetune.recap_cfg_weight=1.0", "critic.distributional={bins: 21, v_min: 0.0, v_max: 10.0}"]),
          ("mc", ["finetune.recap_threshold=0.0"]),
          ("iql", ["finetune.replay=true", "finetune.updates_per_round=5", "finetune.batch_size=32",

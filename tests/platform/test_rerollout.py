@@ -314,3 +314,45 @@ def test_mc_common_noise_refuses_a_policy_without_gaussian_noise():
     for spec in ({"kind": "mlp_chunk"}, {"kind": "mlp", "deterministic": True}):
         with pytest.raises(OffrlError, match="mc_common_noise needs a stochastic Gaussian MLP"):
             mc_advantages(None, [], {}, spec, fc, np.random.default_rng(0), seed=0)
+
+
+def test_v_first_actions_on_pickcube_hosts():
+    """finetune.mc_v_actions: V's re-rollouts report their first step (the restored observation, the action
+    taken, its raw draw and log-prob under the policy). Re-rolling Q from the recorded action with the same
+    noise table returns exactly V's returns, so the recorded action is the one whose return V measured."""
+    from offrl.algos.networks import GaussianActor
+    from offrl.platform.pretrain import actor_spec
+    from offrl.platform.rerollout import rerollout_on_host
+    from offrl.platform.rollout import MLPPolicy
+
+    host = SimHostImpl({"num_envs": 3, "reward_mode": "normalized_dense"}, seed=2)
+    try:
+        info = host.spec()
+        arch = {"obs_dim": info["obs_dim"], "act_dim": info["act_dim"], "hidden": [32, 32], "log_std_init": -1.0}
+        torch.manual_seed(0)
+        spec = actor_spec(GaussianActor(**arch), arch, deterministic=False)
+        r = host.rollout(spec, 10, reset_seed=4, record_states=True, policy_seed=1)
+        jobs = [(t, n) for t in (1, 7) for n in range(3)]
+        st = stack_states([index_state(r["states"][t], n) for t, n in jobs])
+        obs = np.stack([r["obs"][t, n] for t, n in jobs]).astype(np.float32)
+        acts = np.stack([r["actions"][t, n] for t, n in jobs]).astype(np.float32)
+        S, H, seed = 2, 6, 5
+        out = rerollout_on_host(host, spec, st, acts, S, H, 0.8, seed=seed, common_noise=True, v_actions=True)
+        first = out["v_first"]
+        assert first["obs"].shape == (6, S, info["obs_dim"]) and first["raw_actions"].shape == (6, S, info["act_dim"])
+        np.testing.assert_allclose(first["obs"], np.repeat(obs[:, None], S, 1), atol=1e-5)
+        net = MLPPolicy(spec["arch"], spec["weights"]).net
+        with torch.no_grad():
+            lp = net.log_prob(torch.from_numpy(first["obs"].reshape(-1, info["obs_dim"])),
+                              torch.from_numpy(first["raw_actions"].reshape(-1, info["act_dim"])))
+        np.testing.assert_allclose(first["logprob"].reshape(-1), lp.numpy(), rtol=1e-4, atol=1e-4)
+        assert len({tuple(a) for a in first["actions"].reshape(-1, info["act_dim"]).round(5)}) == 6 * S  # fresh draws
+        for m in range(S):
+            again = rerollout_on_host(host, spec, st, first["actions"][:, m], S, H, 0.8, seed=seed, common_noise=True)
+            np.testing.assert_allclose(again["q"][:, m], out["v"][:, m], rtol=1e-4, atol=1e-5)
+        assert "v_first" not in rerollout_on_host(host, spec, st, acts, 1, H, 0.8, seed=seed)
+        with pytest.raises(ValueError, match="V's first actions needs a stochastic Gaussian MLP"):
+            rerollout_on_host(host, {"kind": "expert", "name": "auto"}, st, acts, 1, H, 0.8, seed=seed,
+                              v_actions=True)
+    finally:
+        host.close()
