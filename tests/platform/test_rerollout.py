@@ -271,14 +271,11 @@ def test_common_noise_pairs_q_and_v_samples_on_the_chain():
         rerollout_on_sim(sim, noisy_walk, states, right, samples=S, horizon=H, gamma=g, noise=noise[:, :, :5])
 
 
-def test_common_noise_on_pickcube_hosts():
-    """On a real PickCube host with a Gaussian MLP policy: when a job's given first action is the one V's
-    sample would draw from the shared noise table, Q's and V's re-rollouts take the same actions throughout and
-    return the same; a chunked policy or the expert is refused."""
+def _gaussian_pickcube_jobs(steps, times):
+    """A real PickCube host (3 envs) rolled out ``steps`` by a small Gaussian MLP with recorded states; returns
+    (host, spec, env info, the saved states of (t, n) for t in ``times``, their observations, their actions)."""
     from offrl.algos.networks import GaussianActor
     from offrl.platform.pretrain import actor_spec
-    from offrl.platform.rerollout import rerollout_on_host
-    from offrl.platform.rollout import MLPPolicy
 
     host = SimHostImpl({"num_envs": 3, "reward_mode": "normalized_dense"}, seed=2)
     try:
@@ -286,12 +283,28 @@ def test_common_noise_on_pickcube_hosts():
         arch = {"obs_dim": info["obs_dim"], "act_dim": info["act_dim"], "hidden": [32, 32], "log_std_init": -1.0}
         torch.manual_seed(0)
         spec = actor_spec(GaussianActor(**arch), arch, deterministic=False)
-        r = host.rollout(spec, 12, reset_seed=3, record_states=True, policy_seed=1)
-        jobs = [(t, n) for t in (2, 9) for n in range(3)]
-        st = stack_states([index_state(r["states"][t], n) for t, n in jobs])
+        r = host.rollout(spec, steps, reset_seed=3, record_states=True, policy_seed=1)
+    except BaseException:
+        host.close()
+        raise
+    jobs = [(t, n) for t in times for n in range(3)]
+    st = stack_states([index_state(r["states"][t], n) for t, n in jobs])
+    obs = np.stack([r["obs"][t, n] for t, n in jobs]).astype(np.float32)
+    acts = np.stack([r["actions"][t, n] for t, n in jobs]).astype(np.float32)
+    return host, spec, info, st, obs, acts
+
+
+def test_common_noise_on_pickcube_hosts():
+    """On a real PickCube host with a Gaussian MLP policy: when a job's given first action is the one V's
+    sample would draw from the shared noise table, Q's and V's re-rollouts take the same actions throughout and
+    return the same; a chunked policy or the expert is refused."""
+    from offrl.platform.rerollout import rerollout_on_host
+    from offrl.platform.rollout import MLPPolicy
+
+    host, spec, info, st, obs, _ = _gaussian_pickcube_jobs(12, (2, 9))
+    try:
         seed, H = 11, 6
-        table = np.random.default_rng(seed).standard_normal((len(jobs), 1, H, info["act_dim"]), dtype=np.float32)
-        obs = np.stack([r["obs"][t, n] for t, n in jobs]).astype(np.float32)
+        table = np.random.default_rng(seed).standard_normal((len(obs), 1, H, info["act_dim"]), dtype=np.float32)
         first, _ = MLPPolicy(spec["arch"], spec["weights"])(obs, None, noise=table[:, 0, 0])
         out = rerollout_on_host(host, spec, st, first, 1, H, 0.8, seed=seed, common_noise=True)
         np.testing.assert_allclose(out["q"], out["v"], rtol=1e-4, atol=1e-5)
@@ -320,22 +333,11 @@ def test_v_first_actions_on_pickcube_hosts():
     """finetune.mc_v_actions: V's re-rollouts report their first step (the restored observation, the action
     taken, its raw draw and log-prob under the policy). Re-rolling Q from the recorded action with the same
     noise table returns exactly V's returns, so the recorded action is the one whose return V measured."""
-    from offrl.algos.networks import GaussianActor
-    from offrl.platform.pretrain import actor_spec
     from offrl.platform.rerollout import rerollout_on_host
     from offrl.platform.rollout import MLPPolicy
 
-    host = SimHostImpl({"num_envs": 3, "reward_mode": "normalized_dense"}, seed=2)
+    host, spec, info, st, obs, acts = _gaussian_pickcube_jobs(10, (1, 7))
     try:
-        info = host.spec()
-        arch = {"obs_dim": info["obs_dim"], "act_dim": info["act_dim"], "hidden": [32, 32], "log_std_init": -1.0}
-        torch.manual_seed(0)
-        spec = actor_spec(GaussianActor(**arch), arch, deterministic=False)
-        r = host.rollout(spec, 10, reset_seed=4, record_states=True, policy_seed=1)
-        jobs = [(t, n) for t in (1, 7) for n in range(3)]
-        st = stack_states([index_state(r["states"][t], n) for t, n in jobs])
-        obs = np.stack([r["obs"][t, n] for t, n in jobs]).astype(np.float32)
-        acts = np.stack([r["actions"][t, n] for t, n in jobs]).astype(np.float32)
         S, H, seed = 2, 6, 5
         out = rerollout_on_host(host, spec, st, acts, S, H, 0.8, seed=seed, common_noise=True, v_actions=True)
         first = out["v_first"]
