@@ -194,7 +194,9 @@ class MonteCarlo(Estimator):
         self.rerollout_steps += st["steps"]
         batch = {k: v[torch.from_numpy(idx)] for k, v in rnd.batch.items()}
         batch["adv"] = torch.from_numpy(adv)
-        if st["v_rows"] is not None:  # V's first actions join; they have no next step, so the batch is the policy's
+        # V's first actions join the batch; with no reward or next observation of their own, the batch keeps
+        # only what the policy update reads (obs, actions, raw_actions, logprob, adv)
+        if st["v_rows"] is not None:
             batch = {k: torch.cat([batch[k], torch.from_numpy(v).to(batch[k].dtype)])
                      for k, v in st["v_rows"].items()}
         row = {M.REROLLOUT_SPS: st["steps"] / max(st["seconds"], 1e-9), M.REROLLOUT_STEPS: self.rerollout_steps,
