@@ -96,6 +96,28 @@ def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
     return [f"finetune.bc_coef={bc_coef}"]
 
 
+def _parse_cells(specs: list[str], advantages: set[str], updates: set[str]) -> list[tuple[str, str, str]]:
+    """``--cell ADV:UPDATE:key=value`` specs as (advantage, update, override); ``*`` matches any. Raises
+    ValueError naming the spec that is malformed or names an unknown advantage / update."""
+    cells = []
+    for spec in specs:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or "=" not in parts[2] or not parts[2].split("=", 1)[0]:
+            raise ValueError(f"--cell {spec!r}: expected ADV:UPDATE:key=value (ADV or UPDATE may be *)")
+        adv, upd, kv = parts
+        if adv != "*" and adv not in advantages:
+            raise ValueError(f"--cell {spec!r}: unknown advantage {adv!r} (one of {sorted(advantages)} or *)")
+        if upd != "*" and upd not in updates:
+            raise ValueError(f"--cell {spec!r}: unknown update {upd!r} (one of {sorted(updates)} or *)")
+        cells.append((adv, upd, kv))
+    return cells
+
+
+def _cell_overrides(cells: list[tuple[str, str, str]], adv: str, upd: str) -> list[str]:
+    """The ``--cell`` overrides that apply to the cell (adv, upd), in the order given."""
+    return [kv for a, u, kv in cells if a in ("*", adv) and u in ("*", upd)]
+
+
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from offrl.config import load_config
@@ -112,6 +134,10 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recap-weights", type=float, nargs="+", default=[0.0],
                     help="finetune.recap_cfg_weight of the recap cells: one cell per weight (0: no guidance)")
+    ap.add_argument("--cell", action="append", default=[], metavar="ADV:UPDATE:key=value",
+                    help="an override for the matching cells only, after the mode's own keys (repeatable; ADV or "
+                         "UPDATE may be *), e.g. --cell mc:*:finetune.mc_v_actions=true "
+                         "--cell iql:ppo:finetune.ref_kl_coef=1.0")
     ap.add_argument("--root", default="runs/finetune_grid", help="where the runs go")
     ap.add_argument("--from-dir", default=None,
                     help="only tabulate the finetune_summary.json of runs found under this folder "
@@ -119,6 +145,13 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (give them before the list "
                                                  "options, or after --)")
     args = ap.parse_args()
+    from offrl.config import ADVANTAGES, UPDATES
+
+    try:
+        cell_specs = _parse_cells(args.cell, set(ADVANTAGES) | {"sac"}, set(UPDATES) | {"sac"})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if args.from_dir:
         rows = []
@@ -139,9 +172,6 @@ def main() -> int:
         return 0
 
     root = Path(args.root)
-    # the cluster section alone: an override that needs the grid's own per-cell keys (e.g. finetune.her_relabel,
-    # which needs finetune.replay) is checked with them, per cell
-    init_ray(load_config(args.config, [o for o in args.overrides if o.startswith("cluster.")]).cluster)
     rows = []
     cells = []
     for mode, adv, upd, seed in itertools.product(args.modes, args.advantages, args.updates, args.seeds):
@@ -150,16 +180,26 @@ def main() -> int:
         for w in (args.recap_weights if upd == "recap" else [0.0]):
             if (adv, upd, mode, seed, w) not in cells:
                 cells.append((adv, upd, mode, seed, w))
+    from offrl.errors import OffrlError
+
+    configs = []  # every cell's config is checked before the first run starts
     for adv, upd, mode, seed, w in cells:
         tag = f"{upd}_w{w:g}" if upd == "recap" and w else upd
         trial = f"sac_seed{seed}" if upd == "sac" else f"{adv}_{tag}_{mode}_seed{seed}"
-        run = root / "finetune" / trial
+        try:
+            configs.append(load_config(args.config, [
+                *args.overrides, *([] if upd == "sac" else [f"finetune.advantage={adv}"]), f"finetune.update={upd}",
+                *_mode_overrides(adv, upd, mode, args.bc_coef),
+                *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []), *_cell_overrides(cell_specs, adv, upd),
+                f"seed={seed}", f"run.root={root}", "run.experiment=finetune", f"run.trial={trial}",
+                "run.progress=false"]))
+        except OffrlError as e:
+            print(f"error: cell {trial}: {e}", file=sys.stderr)
+            return 2
+    init_ray(configs[0].cluster)  # one local cluster for the whole grid
+    for (adv, upd, mode, seed, w), cfg in zip(cells, configs):
+        run = root / "finetune" / cfg.run.trial
         if not (run / "finetune_summary.json").exists():
-            cfg = load_config(args.config, [*args.overrides, *([] if upd == "sac" else [f"finetune.advantage={adv}"]),
-                                            f"finetune.update={upd}", *_mode_overrides(adv, upd, mode, args.bc_coef),
-                                            *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []),
-                                            f"seed={seed}", f"run.root={root}", "run.experiment=finetune",
-                                            f"run.trial={trial}", "run.progress=false"])
             if run.exists():
                 import shutil
 

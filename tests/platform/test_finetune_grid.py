@@ -58,3 +58,41 @@ def test_rollout_trend_means_the_first_and_last_ten_rounds(tmp_path):
     assert abs(first - 0.055) < 1e-12 and abs(last - 0.185) < 1e-12  # 0..11 and 13..24
     (tmp_path / "metrics.csv").write_text("step,eval/success_rate\n0,0.5\n")
     assert _rollouts(tmp_path) is None
+
+
+def test_cell_overrides_apply_to_the_matching_cells_only():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from finetune_grid import _cell_overrides, _parse_cells
+
+    cells = _parse_cells(["mc:*:finetune.mc_v_actions=true", "iql:ppo:finetune.ref_kl_coef=1.0",
+                          "*:ppo:finetune.target_kl=0.02", "sarsa:ppo:a.b=x:y=z"], {"gae", "mc", "iql", "sarsa", "sac"},
+                         {"ppo", "awr", "push_away", "sac"})
+    assert _cell_overrides(cells, "mc", "awr") == ["finetune.mc_v_actions=true"]
+    assert _cell_overrides(cells, "mc", "ppo") == ["finetune.mc_v_actions=true", "finetune.target_kl=0.02"]
+    assert _cell_overrides(cells, "iql", "ppo") == ["finetune.ref_kl_coef=1.0", "finetune.target_kl=0.02"]
+    assert _cell_overrides(cells, "sarsa", "ppo") == ["finetune.target_kl=0.02", "a.b=x:y=z"]  # value keeps its ':'
+    assert _cell_overrides(cells, "gae", "awr") == []
+
+
+def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for args, msg in [(["--cell", "mc:ppo"], "expected ADV:UPDATE:key=value"),
+                      (["--cell", "td:ppo:finetune.gamma=0.9"], "unknown advantage 'td'"),
+                      (["--cell", "mc:dqn:finetune.gamma=0.9"], "unknown update 'dqn'"),
+                      (["--cell", "iql:ppo:finetune.ref_kl_coef=nan"],
+                       "cell iql_ppo_offline_seed0: config key 'finetune.ref_kl_coef': must be a finite number")]:
+        r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--config", "tune_configs/finetune_sparse.yaml",
+                            "--advantages", "gae", "iql", "--updates", "ppo", "--modes", "offline", "--root",
+                            str(tmp_path / "grid"), *args], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (args, r.stderr[-2000:])
+    assert not (tmp_path / "grid").exists()  # refused before the first run: nothing written
