@@ -96,3 +96,27 @@ def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_pa
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (args, r.stderr[-2000:])
     assert not (tmp_path / "grid").exists()  # refused before the first run: nothing written
+
+
+def test_cell_settings_reach_only_their_cells_runs(tmp_path, tiny_bc_iql_run):
+    """The grid script end to end on two tiny cells: the --cell setting is in the matching run's config and
+    not in the other's."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    tiny = [f"finetune.checkpoint={tiny_bc_iql_run}", "finetune.iterations=1", "finetune.steps_per_iter=4",
+            "finetune.eval_every=1", "finetune.eval_episodes=1", "finetune.value_warmup_iters=0", "env.num_envs=2",
+            "cluster.num_hosts=1", "env.max_episode_steps=4", "run.tensorboard=false"]
+    r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--advantages", "gae", "--updates", "ppo", "awr",
+                        "--modes", "offline", "--root", str(tmp_path), "--cell", "gae:awr:finetune.beta=0.5", "--",
+                        *tiny], cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = {u: yaml.safe_load((tmp_path / "finetune" / f"gae_{u}_offline_seed0" / "config.yaml").read_text())
+           for u in ("ppo", "awr")}
+    assert cfg["awr"]["finetune"]["beta"] == 0.5 and cfg["ppo"]["finetune"]["beta"] == 1.0
+    assert cfg["awr"]["finetune"]["bc_coef"] == 0.1  # the mode's own keys are kept
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| gae |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["ppo", "awr"]  # one table row per cell
