@@ -4,7 +4,9 @@ Runs ``offrl finetune`` (``tune_configs/finetune.yaml`` unless ``--config``) onc
 seed, sequentially on the local Ray cluster, at an equal env-step budget, from the same pretrained
 checkpoint; then prints a markdown table read back from each run's ``finetune_summary.json`` and
 ``metrics.csv`` and writes it to ``<root>/finetune_grid.md``. Every figure is recomputed from the run
-directories.
+directories. A finished run under ``<root>`` is reused only when its config is the cell's (every key outside
+``run.*``); one that differs stops the grid before anything runs. ``--cell ADV:UPDATE:key=value`` gives a
+setting to the matching cells only.
 
 Modes (``--modes``): ``onpolicy`` is each rule as its own literature runs it on fresh rollouts only;
 ``offline`` keeps the pretraining data in the loop: the replay + offline mix (``finetune.replay=true``)
@@ -118,6 +120,31 @@ def _cell_overrides(cells: list[tuple[str, str, str]], adv: str, upd: str) -> li
     return [kv for a, u, kv in cells if a in ("*", adv) and u in ("*", upd)]
 
 
+def _config_mismatch(run: Path, cfg) -> "str | None":
+    """Why the finished run at ``run`` is not the cell ``cfg`` (None when they agree on every key outside
+    ``run.*``): the grid reuses a run only when it is the one it would start."""
+    from offrl.config import load_config, to_dict
+    from offrl.errors import OffrlError
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    try:
+        old = flat(to_dict(load_config(run / "config.yaml")))
+    except (OffrlError, OSError) as e:
+        return f"its config.yaml cannot be read ({e})"
+    new = flat(to_dict(cfg))
+    diff = sorted(k for k in old.keys() | new.keys() if not k.startswith("run.") and old.get(k) != new.get(k))
+    if not diff:
+        return None
+    k = diff[0]
+    more = f" and {len(diff) - 1} more key(s)" if len(diff) > 1 else ""
+    return f"{k} is {old.get(k)!r} in the run, {new.get(k)!r} for the cell{more}"
+
+
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from offrl.config import load_config
@@ -195,6 +222,12 @@ def main() -> int:
                 "run.progress=false"]))
         except OffrlError as e:
             print(f"error: cell {trial}: {e}", file=sys.stderr)
+            return 2
+        run = root / "finetune" / trial
+        why = _config_mismatch(run, configs[-1]) if (run / "finetune_summary.json").exists() else None
+        if why:
+            print(f"error: {run} is finished but is not this cell: {why} (remove it, or use another --root)",
+                  file=sys.stderr)
             return 2
     init_ray(configs[0].cluster)  # one local cluster for the whole grid
     for (adv, upd, mode, seed, w), cfg in zip(cells, configs):

@@ -100,7 +100,7 @@ def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_pa
 
 def test_cell_settings_reach_only_their_cells_runs(tmp_path, tiny_bc_iql_run):
     """The grid script end to end on two tiny cells: the --cell setting is in the matching run's config and
-    not in the other's."""
+    not in the other's; a finished run is reused only for the cell it is."""
     import subprocess
     import sys
 
@@ -120,3 +120,10 @@ def test_cell_settings_reach_only_their_cells_runs(tmp_path, tiny_bc_iql_run):
     assert cfg["awr"]["finetune"]["bc_coef"] == 0.1  # the mode's own keys are kept
     rows = [line for line in r.stdout.splitlines() if line.startswith("| gae |")]
     assert [row.split("|")[2].strip() for row in rows] == ["ppo", "awr"]  # one table row per cell
+    # the same root without the setting: the finished gae x awr run is not that cell, so nothing is reused or run
+    r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--advantages", "gae", "--updates", "ppo", "awr",
+                        "--modes", "offline", "--root", str(tmp_path), "--", *tiny], cwd=str(ROOT), capture_output=True,
+                        text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert "gae_awr_offline_seed0 is finished but is not this cell: finetune.beta is 0.5 in the run, 1.0 for the cell" \
+        in r.stderr
