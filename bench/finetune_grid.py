@@ -125,18 +125,13 @@ def _config_mismatch(run: Path, cfg) -> "str | None":
     ``run.*``): the grid reuses a run only when it is the one it would start."""
     from offrl.config import load_config, to_dict
     from offrl.errors import OffrlError
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
+    from offrl.stats.load import flatten_config
 
     try:
-        old = flat(to_dict(load_config(run / "config.yaml")))
+        old = flatten_config(to_dict(load_config(run / "config.yaml")))
     except (OffrlError, OSError) as e:
         return f"its config.yaml cannot be read ({e})"
-    new = flat(to_dict(cfg))
+    new = flatten_config(to_dict(cfg))
     diff = sorted(k for k in old.keys() | new.keys() if not k.startswith("run.") and old.get(k) != new.get(k))
     if not diff:
         return None
