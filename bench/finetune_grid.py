@@ -142,7 +142,8 @@ def _config_mismatch(run: Path, cfg) -> "str | None":
 
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from offrl.config import load_config
+    from offrl.config import ADVANTAGES, UPDATES, load_config
+    from offrl.errors import OffrlError
     from offrl.platform.cluster import init_ray
     from offrl.platform.finetune import run_finetune_job
 
@@ -167,8 +168,6 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (give them before the list "
                                                  "options, or after --)")
     args = ap.parse_args()
-    from offrl.config import ADVANTAGES, UPDATES
-
     try:
         cell_specs = _parse_cells(args.cell, set(ADVANTAGES) | {"sac"}, set(UPDATES) | {"sac"})
     except ValueError as e:
@@ -202,8 +201,6 @@ def main() -> int:
         for w in (args.recap_weights if upd == "recap" else [0.0]):
             if (adv, upd, mode, seed, w) not in cells:
                 cells.append((adv, upd, mode, seed, w))
-    from offrl.errors import OffrlError
-
     configs = []  # every cell's config is checked before the first run starts
     for adv, upd, mode, seed, w in cells:
         tag = f"{upd}_w{w:g}" if upd == "recap" and w else upd
