@@ -5,12 +5,14 @@ checkpoints excluded) are timed from its ``metrics.csv`` (``time/iteration_secon
 the bare simulator on the same cores in the same run: ``cluster.num_hosts`` plain processes, each with
 the same number of CPU envs, rolling out a Gaussian MLP of the same size with no learning (see
 ``bench/sim_throughput.py``), measured before and after the finetuning runs (their mean is the
-denominator). Reported for the on-policy path (GAE x PPO) and the replay path (IQL x AWR, replay +
-offline mix). Target >= 0.8.
+denominator). Reported for the on-policy path (GAE x PPO), the replay path (IQL x AWR, replay +
+offline mix), and the replay path with ``finetune.overlap`` (the next round's rollout runs during this
+round's gradient steps). Target >= 0.8. ``--hosts`` sets the SimHosts (and the bare processes); fewer
+SimHosts than cores leaves the learner cores of its own.
 
 Without ``--checkpoint`` a small start point is built first (10 scripted demos, a short BC + IQL run).
 
-    python bench/loop_efficiency.py [--checkpoint RUN_DIR] [--rounds 8] [--root runs/loop_efficiency]
+    python bench/loop_efficiency.py [--checkpoint RUN_DIR] [--rounds 8] [--hosts N] [--root runs/loop_efficiency]
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def _round_sps(run: Path) -> tuple[float, dict[str, float]]:
     steps = float(rows[-1][M.ENV_STEPS])
     roll = sum(steps / len(rows) / float(r[M.ENV_SPS]) for r in rows) / len(rows)
     upd = sum(float(r[M.UPDATE_SECONDS]) for r in rows) / len(rows)
-    return steps / total, {"round": total / len(rows), "rollout": roll, "update": upd,
-                           "advantages": total / len(rows) - roll - upd}
+    split = {"round": total / len(rows), "rollout": roll, "update": upd, "advantages": total / len(rows) - roll - upd}
+    if rows[0].get(M.ROLLOUT_WAIT_SECONDS):  # overlapped: the rollout runs (mostly) during the previous update
+        split["wait"] = sum(float(r[M.ROLLOUT_WAIT_SECONDS]) for r in rows) / len(rows)
+        split["advantages"] = split["round"] - split["wait"] - upd
+    return steps / total, split
 
 
 def main() -> int:
@@ -49,8 +54,14 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="", help="finetuning start point (a bc+iql run); empty: build a small one")
     ap.add_argument("--config", default="tune_configs/finetune_sparse.yaml", help="finetuning config")
     ap.add_argument("--rounds", type=int, default=8, help="finetuning rounds per path")
+    ap.add_argument("--hosts", type=int, default=0,
+                    help="SimHosts of every path and processes of the bare simulator (0: the config's "
+                         "cluster.num_hosts, or one per core)")
     ap.add_argument("--root", default="runs/loop_efficiency", help="where the runs go (replaced on every run)")
     args = ap.parse_args()
+    if args.rounds < 2 or args.hosts < 0:
+        print(f"error: --rounds must be >= 2 and --hosts >= 0, got {args.rounds} and {args.hosts}", file=sys.stderr)
+        return 2
 
     import shutil
 
@@ -58,7 +69,8 @@ def main() -> int:
     if root.exists():
         shutil.rmtree(root)
     ckpt = args.checkpoint
-    base = load_config(args.config, [f"run.root={root}", "run.progress=false", "run.tensorboard=false"])
+    hosts_over = [f"cluster.num_hosts={args.hosts}"] if args.hosts else []
+    base = load_config(args.config, [f"run.root={root}", "run.progress=false", "run.tensorboard=false", *hosts_over])
     init_ray(base.cluster)
     if not ckpt:
         from offrl.data.collect import collect
@@ -78,25 +90,33 @@ def main() -> int:
         before = bare.round()
         paths = {"on-policy (gae x ppo)": ["finetune.advantage=gae", "finetune.update=ppo"],
                  "replay (iql x awr, offline mix)": ["finetune.advantage=iql", "finetune.update=awr",
-                                                     "finetune.replay=true"]}
+                                                     "finetune.replay=true"],
+                 "overlap (the same, overlapped)": ["finetune.advantage=iql", "finetune.update=awr",
+                                                    "finetune.replay=true", "finetune.overlap=true"]}
         loop = {}
         for name, over in paths.items():
             trial = name.split(" ")[0]
             cfg = load_config(args.config, [*over, f"finetune.checkpoint={ckpt}", f"finetune.iterations={args.rounds}",
                                             f"finetune.eval_every={args.rounds}", "finetune.eval_episodes=4",
                                             f"run.root={root}", "run.experiment=loop", f"run.trial={trial}",
-                                            "run.progress=false", "run.tensorboard=false"])
+                                            "run.progress=false", "run.tensorboard=false", *hosts_over])
             loop[name] = _round_sps(run_finetune_job(cfg, log=lambda *a: None))
         after = bare.round()
     finally:
         bare.close()
     sim = (before + after) / 2
-    print(f"PickCube-v1, {hosts} SimHosts x {envs} envs, {T} steps a round, {args.rounds} rounds per path")
+    print(f"PickCube-v1, {hosts} SimHosts x {envs} envs on {os.cpu_count()} cores, {T} steps a round, "
+          f"{args.rounds} rounds per path")
     print(f"bare simulator : {sim:8.1f} env-steps/s (before {before:.1f}, after {after:.1f})")
     for name, (sps, split) in loop.items():
         print(f"{name:32s}: {sps:8.1f} env-steps/s  ratio loop/bare {sps / sim:.3f}  (target >= 0.8)")
-        print(f"{'':32s}  a round: {split['round']:.2f} s = rollout {split['rollout']:.2f} + advantages "
-              f"{split['advantages']:.2f} + update {split['update']:.2f}")
+        if "wait" in split:
+            print(f"{'':32s}  a round: {split['round']:.2f} s = waiting for the rollout {split['wait']:.2f} + "
+                  f"advantages {split['advantages']:.2f} + update {split['update']:.2f} (the rollout itself, "
+                  f"started a round ahead: {split['rollout']:.2f})")
+        else:
+            print(f"{'':32s}  a round: {split['round']:.2f} s = rollout {split['rollout']:.2f} + advantages "
+                  f"{split['advantages']:.2f} + update {split['update']:.2f}")
     return 0
 
 

@@ -609,6 +609,14 @@ class FinetuneConfig(_Checked):
                                      "updates_per_round * batch_size / env steps per round).")
     batch_size: int = _f(256, "replay: minibatch size.")
     replay_size: int = _f(1_000_000, "replay: capacity of the replay buffer (oldest transitions dropped first).")
+    overlap: bool = _f(False, "replay: start the next round's rollout before this round's gradient steps, so the "
+                              "SimHosts simulate while the learner updates (an asynchronous actor-learner loop). "
+                              "Each such round is collected by the policy one update older (rollout/policy_lag 1); "
+                              "evaluation rounds and the round after them run in sequence, so checkpoints and "
+                              "--resume stay exact. false: rollout, then update.")
+    learner_threads: int = _f(0, "torch threads of the learner (the finetuning driver process); 0: 1 with overlap, "
+                                 "whose update runs while the SimHosts keep the cores busy, torch's default (one a "
+                                 "core) otherwise.")
     her_relabel: int = _f(0, "replay: hindsight relabelling (HER's 'future' strategy, Andrychowicz et al. 2017): each "
                              "online transition also enters the replay this many times with the goal moved to where "
                              "the object is at a later step of the same episode, and the sparse reward recomputed "
@@ -711,6 +719,11 @@ class FinetuneConfig(_Checked):
             raise ConfigError("her_relabel", f"must be >= 0, got {self.her_relabel}")
         if self.her_min_move < 0:
             raise ConfigError("her_min_move", f"must be >= 0, got {self.her_min_move}")
+        if self.learner_threads < 0:
+            raise ConfigError("learner_threads", f"must be >= 0, got {self.learner_threads}")
+        if self.overlap and not self.replay:
+            raise ConfigError("overlap", "collects each round with the policy one update older, which only the "
+                                         "off-policy replay path learns from correctly: set finetune.replay=true")
         if self.her_relabel > 0 and not self.replay:
             raise ConfigError("her_relabel", "relabelled transitions go into the replay buffer: set finetune.replay=true")
         if self.update == "sac":

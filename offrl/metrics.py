@@ -18,6 +18,7 @@ ROLLOUT_SUCCESS_ONCE = "rollout/success_once"
 ROLLOUT_RETURN = "rollout/return"
 ROLLOUT_EPISODE_LENGTH = "rollout/episode_length"
 ROLLOUT_EPISODES = "rollout/episodes"
+POLICY_LAG = "rollout/policy_lag"  # updates between the policy that collected a round and the one it trains
 
 # optimisation
 TRAIN_LOSS = "train/loss"
@@ -95,6 +96,7 @@ POS_RATIO = "charts/pos_ratio"
 ENV_SPS = "time/env_sps"
 REROLLOUT_SPS = "time/rerollout_sps"
 ITERATION_SECONDS = "time/iteration_seconds"
+ROLLOUT_WAIT_SECONDS = "time/rollout_wait_seconds"  # a finetuning round's wait for its rollout (finetune.overlap)
 UPDATE_SECONDS = "time/update_seconds"  # the learner's share of a finetuning round (its gradient steps)
 ENV_STEPS = "time/env_steps"
 

@@ -64,6 +64,10 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.replay=maybe", "finetune.replay", "true or false"),
     ("finetune.mc_common_noise=maybe", "finetune.mc_common_noise", "true or false"),
     ("finetune.mc_v_actions=maybe", "finetune.mc_v_actions", "true or false"),
+    ("finetune.overlap=maybe", "finetune.overlap", "true or false"),
+    ("finetune.overlap=true", "finetune.overlap", "set finetune.replay=true"),
+    ("finetune.learner_threads=-1", "finetune.learner_threads", "must be >= 0"),
+    ("finetune.learner_threads=1.5", "finetune.learner_threads", "expected an integer"),
 ])
 def test_errors_name_the_key_path(override, path, words):
     with pytest.raises(ConfigError) as e:

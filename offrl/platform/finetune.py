@@ -200,6 +200,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     init_ray(cfg.cluster)
     pool = SimHostPool(cfg.env, cfg.cluster, seed=cfg.seed)
     created = False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(fc.learner_threads or (1 if fc.overlap else threads))
     try:
         if pool.spec["obs_dim"] != arch["obs_dim"] or pool.spec["act_dim"] != arch["act_dim"]:
             raise OffrlError(f"checkpoint {start_ckpt} expects obs/action sizes {arch['obs_dim']}/{arch['act_dim']}, "
@@ -290,19 +292,32 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                  "actor_steps": M.SAC_ACTOR_STEPS,
                  "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,
                  "recap_dropped": M.RECAP_DROPPED}
-        for it in range(it0 + 1, fc.iterations + 1):
-            reset_seed, policy_seed = _round_seeds(cfg.seed, it, fc.eval_every)
-            if reset_seed is not None:  # new sims for the seeded reset (untimed, like checkpoints; _round_seeds)
-                pool.call("rebuild")
-            t0 = time.perf_counter()
+        def launch(round_it: int) -> tuple[list, dict, float]:
+            """Start round ``round_it``'s rollout with the actor as it is now (its weights copied: the spec's
+            arrays share the actor's memory, and an overlapped round is updated before it is read)."""
+            reset_seed, policy_seed = _round_seeds(cfg.seed, round_it, fc.eval_every)
             spec = actor_spec(actor, arch, deterministic=False)
-            results = pool.rollout(spec, T, reset_seed=reset_seed, record_states=estimator.record_states,
-                                   policy_seed=policy_seed)
-            t_roll = time.perf_counter() - t0
+            spec["weights"] = {k: v.copy() for k, v in spec["weights"].items()}
+            return (pool.rollout_async(spec, T, reset_seed=reset_seed, record_states=estimator.record_states,
+                                       policy_seed=policy_seed), spec, time.perf_counter())
+
+        ahead = None  # finetune.overlap: the next round's rollout, started before this round's update
+        for it in range(it0 + 1, fc.iterations + 1):
+            lag = 0 if ahead is None else 1
+            if ahead is None and _round_seeds(cfg.seed, it, fc.eval_every)[0] is not None:
+                pool.call("rebuild")  # new sims for the seeded reset (untimed, like checkpoints; _round_seeds)
+            t0 = time.perf_counter()
+            pending, spec, t_launch = ahead or launch(it)
+            results = pool.collect(pending)
+            t_got = time.perf_counter()
+            # evaluation rounds (and the last) start nothing ahead: a checkpoint never has a rollout in flight
+            ahead = launch(it + 1) if fc.overlap and it % fc.eval_every and it < fc.iterations else None
             data = concat_rollouts(results)
             data["rewards"] = add_success_bonus(data["rewards"], data["terminated"], data["success"], bonus)
             env_steps += T * N
-            row: dict[str, float] = {M.ENV_SPS: T * N / t_roll, M.ENV_STEPS: env_steps}
+            row: dict[str, float] = {M.ENV_SPS: T * N / (t_got - t_launch), M.ENV_STEPS: env_steps}
+            if fc.overlap:
+                row.update({M.ROLLOUT_WAIT_SECONDS: t_got - t0, M.POLICY_LAG: float(lag)})
             batch = {k: _flat(data[k]) for k in ("obs", "actions", "raw_actions", "logprob", "rewards", "next_obs",
                                                  "terminated")}
             rnd = Round(it, spec, results, data, batch)
@@ -370,4 +385,5 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             discard_run_dir(run_dir)
         raise
     finally:
+        torch.set_num_threads(threads)
         pool.shutdown()

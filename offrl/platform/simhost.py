@@ -233,6 +233,12 @@ class SimHostPool:
         ``reset_seed`` / ``policy_seed``: host ``i`` resets its envs with ``reset_seed + 1_000_003 i`` and
         samples actions with ``policy_seed + 1_000_003 i`` (None: no reset / the host's own call counter),
         so a round can be replayed exactly by fresh actors (finetuning's resume)."""
+        return self.collect(self.rollout_async(policy_spec, num_steps, reset_seed, record_states, policy_seed))
+
+    def rollout_async(self, policy_spec: dict, num_steps: int, reset_seed: Optional[int] = None,
+                      record_states: bool = False, policy_seed: Optional[int] = None) -> list:
+        """Start :meth:`rollout` on every host and return at once; :meth:`collect` waits for the results.
+        The spec is serialised here, so the caller may change its weights while the hosts roll out."""
         import ray
 
         ref = ray.put(policy_spec)
@@ -240,8 +246,12 @@ class SimHostPool:
         def per_host(base: Optional[int]) -> list[Optional[int]]:
             return [None if base is None else base + 1_000_003 * i for i in range(len(self.hosts))]
 
-        return self._get([h.rollout.remote(ref, num_steps, s, record_states, p)
-                          for h, s, p in zip(self.hosts, per_host(reset_seed), per_host(policy_seed))])
+        return [h.rollout.remote(ref, num_steps, s, record_states, p)
+                for h, s, p in zip(self.hosts, per_host(reset_seed), per_host(policy_seed))]
+
+    def collect(self, pending: list) -> list[dict]:
+        """The results of a :meth:`rollout_async` call, one dict per host."""
+        return self._get(pending)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` on every host with the same arguments."""

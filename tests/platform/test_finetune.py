@@ -218,12 +218,15 @@ RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_r
                                   "env.reward_mode=sparse", "finetune.her_relabel=2"]),  # hindsight copies: loop rng
            ("mc", "ppo", ["finetune.bc_coef=0.2"]),  # re-rollouts: the hosts rebuild their sims at the reset
            ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
-           ("gae", "push_away", ["finetune.keep_rounds=3", "finetune.ref_kl_coef=0.5"])]  # cut with 2 kept rounds;
-# round 4 drops round 1; the anchor's start policy comes back from the checkpoint
+           ("gae", "push_away", ["finetune.keep_rounds=3", "finetune.ref_kl_coef=0.5"]),  # cut with 2 kept rounds;
+           # round 4 drops round 1; the anchor's start policy comes back from the checkpoint
+           ("sarsa", "awr", ["finetune.replay=true", "finetune.overlap=true", "finetune.updates_per_round=4",
+                             "finetune.batch_size=32", "env.reward_mode=sparse"])]  # round 3 collected ahead
 
 
 @pytest.mark.parametrize("adv, upd, extra", RESUMED,
-                         ids=["iql-push_away-replay", "mc-ppo-bc", "sarsa-recap", "gae-push_away-kept"])
+                         ids=["iql-push_away-replay", "mc-ppo-bc", "sarsa-recap", "gae-push_away-kept",
+                              "sarsa-awr-overlap"])
 def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
     """A run cut after round 2 and resumed to round 4 logs the same metrics and ends with the same weights as
     a run that went straight to round 4 (networks, optimizers, RNGs, re-rollout counter, replay buffer)."""
@@ -246,6 +249,52 @@ def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, 
         json.loads((cut / "finetune_summary.json").read_text())
     with pytest.raises(OffrlError, match="needs run.trial"):
         run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, *extra), log=lambda *a: None, resume=True)
+
+
+def test_overlap_collects_each_round_ahead_with_the_policy_one_update_older(tmp_path, bc_iql_checkpoint,
+                                                                            ray_cluster, monkeypatch):
+    """finetune.overlap: round k+1's rollout starts before round k's update, so it is collected by the actor
+    as it was before that update; the evaluation round starts nothing ahead. Without it every round is
+    collected by the actor after the previous update."""
+    from safetensors.torch import load_file
+
+    from offrl.platform.simhost import SimHostPool
+
+    launched, threads = [], []
+    real = SimHostPool.rollout_async
+
+    def spy(self, spec, *a, **kw):
+        launched.append({k: np.array(v) for k, v in spec["weights"].items()})
+        threads.append(torch.get_num_threads())
+        return real(self, spec, *a, **kw)
+
+    monkeypatch.setattr(SimHostPool, "rollout_async", spy)
+    extra = ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32",
+             "finetune.iterations=3", "finetune.eval_every=3"]
+    runs, before = {}, torch.get_num_threads()
+    for overlap in (True, False):
+        launched.clear()
+        threads.clear()
+        run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, "iql", "awr", f"run.trial=o{int(overlap)}",
+                                    f"finetune.overlap={str(overlap).lower()}", *extra), log=lambda *a: None)
+        start = {k[len("actor."):]: v.numpy() for k, v in
+                 load_file(str(run / "checkpoints" / "0" / "model.safetensors")).items() if k.startswith("actor.")}
+        same_as_start = [all(np.array_equal(w[k], start[k]) for k in start) for w in launched]
+        runs[overlap] = (run, same_as_start, list(csv.DictReader(open(run / "metrics.csv"))))
+        # the learner takes one thread beside the busy SimHosts (learner_threads 0), the default otherwise
+        assert set(threads) == {1 if overlap else before} and torch.get_num_threads() == before
+    run, same_as_start, rows = runs[True]
+    # round 1 and round 2 (started during round 1, before its update) both roll out the start actor
+    assert same_as_start == [True, True, False]
+    assert [r["rollout/policy_lag"] for r in rows[1:]] == ["0.0", "1.0", "1.0"]
+    assert all(0 <= float(r["time/rollout_wait_seconds"]) <= float(r["time/iteration_seconds"]) for r in rows[1:])
+    _, same_as_start, plain = runs[False]
+    assert same_as_start == [True, False, False] and "rollout/policy_lag" not in plain[0]
+    # the first round is the same in both: the same data and the same update
+    lagless = [{k: v for k, v in r.items() if k != "rollout/policy_lag"} for r in _comparable(run)]
+    assert lagless[:2] == _comparable(runs[False][0])[:2]
+    with pytest.raises(OffrlError, match="finetune.overlap.*replay=true"):
+        _cfg(tmp_path, bc_iql_checkpoint, "gae", "ppo", "finetune.overlap=true")
 
 
 def test_finetune_killed_with_sigkill_then_resumed(tmp_path, bc_iql_checkpoint, process_sessions, ray_cluster):
