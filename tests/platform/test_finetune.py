@@ -295,6 +295,23 @@ def test_overlap_collects_each_round_ahead_with_the_policy_one_update_older(tmp_
     assert lagless[:2] == _comparable(runs[False][0])[:2]
     with pytest.raises(OffrlError, match="finetune.overlap.*replay=true"):
         _cfg(tmp_path, bc_iql_checkpoint, "gae", "ppo", "finetune.overlap=true")
+    # bench/loop_efficiency.py splits an overlapped round into the wait for its rollout, advantages and update
+    import importlib.util
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("loop_efficiency", ROOT / "bench" / "loop_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sps, split = bench._round_sps(run)
+    assert sps > 0 and split["wait"] >= 0 and split["update"] > 0
+    assert split["wait"] + split["advantages"] + split["update"] == pytest.approx(split["round"])
+    assert "wait" not in bench._round_sps(runs[False][0])[1]
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "loop_efficiency.py"), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rounds must be >= 2" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_finetune_killed_with_sigkill_then_resumed(tmp_path, bc_iql_checkpoint, process_sessions, ray_cluster):
