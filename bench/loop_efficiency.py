@@ -6,8 +6,9 @@ the bare simulator on the same cores in the same run: ``cluster.num_hosts`` plai
 the same number of CPU envs, rolling out a Gaussian MLP of the same size with no learning (see
 ``bench/sim_throughput.py``), measured before and after the finetuning runs (their mean is the
 denominator). Reported for the on-policy path (GAE x PPO), the replay path (IQL x AWR, replay +
-offline mix), and the replay path with ``finetune.overlap`` (the next round's rollout runs during this
-round's gradient steps). Target >= 0.8. ``--hosts`` sets the SimHosts (and the bare processes); fewer
+offline mix), the replay path with one learner thread (``finetune.learner_threads=1``) and the replay
+path with ``finetune.overlap`` (the next round's rollout runs during this round's gradient steps; one
+learner thread by default). Target >= 0.8. ``--hosts`` sets the SimHosts (and the bare processes); fewer
 SimHosts than cores leaves the learner cores of its own.
 
 Without ``--checkpoint`` a small start point is built first (10 scripted demos, a short BC + IQL run).
@@ -91,6 +92,8 @@ def main() -> int:
         paths = {"on-policy (gae x ppo)": ["finetune.advantage=gae", "finetune.update=ppo"],
                  "replay (iql x awr, offline mix)": ["finetune.advantage=iql", "finetune.update=awr",
                                                      "finetune.replay=true"],
+                 "replay1 (the same, 1 learner thread)": ["finetune.advantage=iql", "finetune.update=awr",
+                                                          "finetune.replay=true", "finetune.learner_threads=1"],
                  "overlap (the same, overlapped)": ["finetune.advantage=iql", "finetune.update=awr",
                                                     "finetune.replay=true", "finetune.overlap=true"]}
         loop = {}
@@ -109,13 +112,13 @@ def main() -> int:
           f"{args.rounds} rounds per path")
     print(f"bare simulator : {sim:8.1f} env-steps/s (before {before:.1f}, after {after:.1f})")
     for name, (sps, split) in loop.items():
-        print(f"{name:32s}: {sps:8.1f} env-steps/s  ratio loop/bare {sps / sim:.3f}  (target >= 0.8)")
+        print(f"{name:38s}: {sps:8.1f} env-steps/s  ratio loop/bare {sps / sim:.3f}  (target >= 0.8)")
         if "wait" in split:
-            print(f"{'':32s}  a round: {split['round']:.2f} s = waiting for the rollout {split['wait']:.2f} + "
+            print(f"{'':38s}  a round: {split['round']:.2f} s = waiting for the rollout {split['wait']:.2f} + "
                   f"advantages {split['advantages']:.2f} + update {split['update']:.2f} (the rollout itself, "
                   f"started a round ahead: {split['rollout']:.2f})")
         else:
-            print(f"{'':32s}  a round: {split['round']:.2f} s = rollout {split['rollout']:.2f} + advantages "
+            print(f"{'':38s}  a round: {split['round']:.2f} s = rollout {split['rollout']:.2f} + advantages "
                   f"{split['advantages']:.2f} + update {split['update']:.2f}")
     return 0
 
