@@ -292,6 +292,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
                  "actor_steps": M.SAC_ACTOR_STEPS,
                  "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,
                  "recap_dropped": M.RECAP_DROPPED}
+
         def launch(round_it: int) -> tuple[list, dict, float]:
             """Start round ``round_it``'s rollout with the actor as it is now (its weights copied: the spec's
             arrays share the actor's memory, and an overlapped round is updated before it is read)."""
