@@ -89,13 +89,11 @@ def main() -> int:
     bare = Bare(hosts, envs, T * args.rounds // 2, 2)
     try:
         before = bare.round()
+        replay = ["finetune.advantage=iql", "finetune.update=awr", "finetune.replay=true"]
         paths = {"on-policy (gae x ppo)": ["finetune.advantage=gae", "finetune.update=ppo"],
-                 "replay (iql x awr, offline mix)": ["finetune.advantage=iql", "finetune.update=awr",
-                                                     "finetune.replay=true"],
-                 "replay1 (the same, 1 learner thread)": ["finetune.advantage=iql", "finetune.update=awr",
-                                                          "finetune.replay=true", "finetune.learner_threads=1"],
-                 "overlap (the same, overlapped)": ["finetune.advantage=iql", "finetune.update=awr",
-                                                    "finetune.replay=true", "finetune.overlap=true"]}
+                 "replay (iql x awr, offline mix)": replay,
+                 "replay1 (the same, 1 learner thread)": [*replay, "finetune.learner_threads=1"],
+                 "overlap (the same, overlapped)": [*replay, "finetune.overlap=true"]}
         loop = {}
         for name, over in paths.items():
             trial = name.split(" ")[0]
