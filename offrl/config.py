@@ -627,6 +627,9 @@ class FinetuneConfig(_Checked):
                                   "still); 0 keeps every copy (HER).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
+    rule_coef: float = _f(1.0, "Weight of the update rule's own loss (PPO, AWR, push-away, RECAP; not sac) in the "
+                               "actor loss. 0 leaves only the bc_coef and ref_kl_coef terms: the demos-only control "
+                               "that tells a rule's gain from what the DAPG term alone does with the same rounds.")
     ref_kl_coef: float = _f(0.0, "Anchor to the start policy: ref_kl_coef * KL(start policy || policy) on each "
                                  "minibatch's states, added to every actor loss of PPO, AWR, push-away and RECAP "
                                  "(on-policy and replay paths; not sac). Needs no offline data: without a signal the "
@@ -697,6 +700,10 @@ class FinetuneConfig(_Checked):
             raise ConfigError("bc_coef", f"must be >= 0, got {self.bc_coef}")
         if not (math.isfinite(self.ref_kl_coef) and self.ref_kl_coef >= 0):
             raise ConfigError("ref_kl_coef", f"must be a finite number >= 0, got {self.ref_kl_coef}")
+        if not (math.isfinite(self.rule_coef) and self.rule_coef >= 0):
+            raise ConfigError("rule_coef", f"must be a finite number >= 0, got {self.rule_coef}")
+        if self.rule_coef != 1.0 and self.update == "sac":
+            raise ConfigError("rule_coef", "is not used by sac (its actor loss is SAC's own)")
         if self.ref_kl_coef > 0 and self.update == "sac":
             raise ConfigError("ref_kl_coef", "is not used by sac (its actor is held by bc_coef and target_kl)")
         if not (math.isfinite(self.recap_percentile) and 0.0 < self.recap_percentile < 100.0):

@@ -220,9 +220,12 @@ class FinetuneLearner(RoundLearner):
         return torch.cat([obs, o]), torch.cat([act, a]), torch.cat([ind, i])
 
     def _actor_loss(self, b: Mapping[str, torch.Tensor], adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The update rule's loss on a minibatch (plus the BC term when ``bc_coef > 0``)."""
+        """The update rule's loss on a minibatch, weighted by ``rule_coef`` (plus the BC term when ``bc_coef > 0``
+        and the anchor when ``ref_kl_coef > 0``)."""
         cfg = self.cfg
         loss, pm = self._rule_loss(b, adv)
+        if cfg.rule_coef != 1.0:
+            loss = cfg.rule_coef * loss
         if cfg.bc_coef > 0:
             bc = self.bc_loss(b["obs"].shape[0])
             loss = loss + cfg.bc_coef * bc
