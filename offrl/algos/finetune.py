@@ -224,8 +224,7 @@ class FinetuneLearner(RoundLearner):
         and the anchor when ``ref_kl_coef > 0``)."""
         cfg = self.cfg
         loss, pm = self._rule_loss(b, adv)
-        if cfg.rule_coef != 1.0:
-            loss = cfg.rule_coef * loss
+        loss = cfg.rule_coef * loss  # 1.0 * x is exact: the default changes no bit
         if cfg.bc_coef > 0:
             bc = self.bc_loss(b["obs"].shape[0])
             loss = loss + cfg.bc_coef * bc
