@@ -18,6 +18,14 @@ replay + offline mix with the DAPG term, two Q heads and ``actor_lr`` 3e-5.
 takes the replay + offline mix (IQL, SARSA) or offline rows at ``finetune.offline_ratio`` of every
 minibatch (GAE, MC); in the on-policy mode none (``offline_ratio=0``).
 
+``--control`` adds, for every seed, the demos-only control (trial ``control_seed<N>``): GAE x PPO with the
+DAPG term at ``--bc-coef`` and ``finetune.rule_coef=0``, so only behaviour cloning on the demos moves the
+actor, over the same rounds and rollouts as every cell (``--cell`` settings do not reach it). A second
+table then sets every cell against it on the seeds both have: mean success after, the control's, the mean
+paired difference, and P(cell > control) with its bootstrap 95% CI (``offrl.stats.aggregate``). A cell
+that is not clearly above the control has not shown that its update rule learns anything the demos did
+not already teach. ``--from-dir`` recognises a control as any run with ``finetune.rule_coef`` 0.
+
 AUC is the area under the evaluation success curve (the start evaluation at step 0 included) divided by
 the step range. "Rollouts" is the behaviour policy's own success (``rollout/success_rate``, the stochastic
 policy that collects the data, over the episodes that end in each round), mean of the first and of the
@@ -75,6 +83,42 @@ def _rollouts(run: Path, k: int = 10) -> "tuple[float, float] | None":
         return None
     k = max(1, min(k, len(v) // 2))
     return sum(v[:k]) / k, sum(v[-k:]) / k
+
+
+CONTROL = ("control", "demos only")  # the (advantage, update) labels of the demos-only control's rows
+
+
+def _vs_control(rows: list[dict]) -> "str | None":
+    """Markdown table of every cell against the demos-only control on the seeds both ran (None without a
+    control row, or when no cell shares a seed with one)."""
+    import numpy as np
+
+    from offrl.stats.aggregate import probability_of_improvement_ci
+
+    ctrl = {r["seed"]: r["success_after"] for r in rows if (r["advantage"], r["update"]) == CONTROL}
+    groups: dict = {}
+    for r in rows:
+        if (r["advantage"], r["update"]) != CONTROL and r["seed"] in ctrl:
+            groups.setdefault((r["advantage"], r["update"], r.get("recap_w", 0.0), r.get("mode", "-")), []).append(r)
+    if not groups:
+        return None
+    lines = ["| advantage | update | mode | seeds | success after (mean) | control (mean) | difference (mean) | "
+             "P(cell > control) [95% CI] |", "|---|---|---|---|---:|---:|---:|---|"]
+    for (adv, upd, w, mode), rs in groups.items():
+        seeds = sorted(r["seed"] for r in rs)
+        x = np.array([r["success_after"] for r in sorted(rs, key=lambda r: r["seed"])])
+        y = np.array([ctrl[s] for s in seeds])
+        p = probability_of_improvement_ci(x, y)
+        upd = upd + (f" (w={w:g})" if upd == "recap" else "")
+        lines.append(f"| {adv} | {upd} | {mode} | {' '.join(map(str, seeds))} | {x.mean():.3f} | {y.mean():.3f} | "
+                     f"{(x - y).mean():+.3f} | {p.point:.2f} [{p.lo:.2f}, {p.hi:.2f}] |")
+    return "\n".join(lines)
+
+
+def _report(rows: list[dict]) -> str:
+    """The grid's table, followed by the table against the control when the grid has one."""
+    vs = _vs_control(rows)
+    return _table(rows) + (f"\n\nAgainst the demos-only control (same seeds):\n\n{vs}" if vs else "")
 
 
 def _read_back(run: Path) -> dict:
@@ -161,6 +205,9 @@ def main() -> int:
                     help="an override for the matching cells only, after the mode's own keys (repeatable; ADV or "
                          "UPDATE may be *), e.g. --cell mc:*:finetune.mc_v_actions=true "
                          "--cell iql:ppo:finetune.ref_kl_coef=1.0")
+    ap.add_argument("--control", action="store_true",
+                    help="also run, per seed, the demos-only control (GAE x PPO, DAPG term at --bc-coef, "
+                         "finetune.rule_coef=0) and print every cell against it")
     ap.add_argument("--root", default="runs/finetune_grid", help="where the runs go")
     ap.add_argument("--from-dir", default=None,
                     help="only tabulate the finetune_summary.json of runs found under this folder "
@@ -186,10 +233,12 @@ def main() -> int:
             s = json.loads(f.read_text())
             if s.get("update") == "sac":  # sac brings its own critics: finetune.advantage is not used
                 s["advantage"] = "sac"
+            if ft.get("rule_coef") == 0:  # the update rule's loss is off: a demos-only control
+                s["advantage"], s["update"] = CONTROL
             rows.append(s | {"seed": cfg["seed"], "mode": mode, **_read_back(f.parent),
                              "recap_w": float(ft.get("recap_cfg_weight", 0.0))})
         rows.sort(key=lambda r: (r["advantage"], r["update"], r["recap_w"], r["mode"], r["seed"]))
-        print(_table(rows))
+        print(_report(rows))
         return 0
 
     root = Path(args.root)
@@ -201,17 +250,25 @@ def main() -> int:
         for w in (args.recap_weights if upd == "recap" else [0.0]):
             if (adv, upd, mode, seed, w) not in cells:
                 cells.append((adv, upd, mode, seed, w))
+    if args.control:
+        cells += [(*CONTROL, "offline", seed, 0.0) for seed in args.seeds]
     configs = []  # every cell's config is checked before the first run starts
     for adv, upd, mode, seed, w in cells:
         tag = f"{upd}_w{w:g}" if upd == "recap" and w else upd
         trial = f"sac_seed{seed}" if upd == "sac" else f"{adv}_{tag}_{mode}_seed{seed}"
+        if (adv, upd) == CONTROL:  # the global overrides only: --cell settings belong to the cells
+            trial = f"control_seed{seed}"
+            keys = ["finetune.advantage=gae", "finetune.update=ppo", f"finetune.bc_coef={args.bc_coef}",
+                    "finetune.rule_coef=0.0"]
+        else:
+            keys = [*([] if upd == "sac" else [f"finetune.advantage={adv}"]), f"finetune.update={upd}",
+                    *_mode_overrides(adv, upd, mode, args.bc_coef),
+                    *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []),
+                    *_cell_overrides(cell_specs, adv, upd)]
         try:
             configs.append(load_config(args.config, [
-                *args.overrides, *([] if upd == "sac" else [f"finetune.advantage={adv}"]), f"finetune.update={upd}",
-                *_mode_overrides(adv, upd, mode, args.bc_coef),
-                *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []), *_cell_overrides(cell_specs, adv, upd),
-                f"seed={seed}", f"run.root={root}", "run.experiment=finetune", f"run.trial={trial}",
-                "run.progress=false"]))
+                *args.overrides, *keys, f"seed={seed}", f"run.root={root}", "run.experiment=finetune",
+                f"run.trial={trial}", "run.progress=false"]))
         except OffrlError as e:
             print(f"error: cell {trial}: {e}", file=sys.stderr)
             return 2
@@ -231,8 +288,8 @@ def main() -> int:
                 shutil.rmtree(run)
             run_finetune_job(cfg)
         s = json.loads((run / "finetune_summary.json").read_text())
-        rows.append(s | {"advantage": adv, "seed": seed, "mode": mode, **_read_back(run), "recap_w": w})
-    table = _table(rows)
+        rows.append(s | {"advantage": adv, "update": upd, "seed": seed, "mode": mode, **_read_back(run), "recap_w": w})
+    table = _report(rows)
     print(table)
     root.mkdir(parents=True, exist_ok=True)
     (root / "finetune_grid.md").write_text(table + "\n")

@@ -127,3 +127,61 @@ def test_cell_settings_reach_only_their_cells_runs(tmp_path, tiny_bc_iql_run):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
     assert "gae_awr_offline_seed0 is finished but is not this cell: finetune.beta is 0.5 in the run, 1.0 for the cell" \
         in r.stderr
+
+
+def test_vs_control_pairs_each_cell_with_the_control_on_shared_seeds():
+    """_vs_control: only the seeds a cell shares with the control count; P is the Mann-Whitney share of pairs."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from finetune_grid import CONTROL, _vs_control
+
+    def row(adv, upd, seed, after):
+        return {"advantage": adv, "update": upd, "seed": seed, "success_after": after, "mode": "offline",
+                "recap_w": 0.0}
+
+    rows = [row(*CONTROL, 0, 0.60), row(*CONTROL, 1, 0.50),
+            row("gae", "ppo", 0, 0.70), row("gae", "ppo", 1, 0.55), row("gae", "ppo", 2, 0.10),  # seed 2: no control
+            row("mc", "awr", 5, 0.90)]  # shares no seed: no row
+    assert _vs_control([row("gae", "ppo", 0, 0.7)]) is None  # no control at all
+    lines = _vs_control(rows).splitlines()
+    assert len(lines) == 3  # header, rule, one cell
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["gae", "ppo", "offline", "0 1"]
+    assert cells[4:7] == ["0.625", "0.550", "+0.075"]
+    # pairs (0.70, 0.55) x (0.60, 0.50): 0.70 beats both, 0.55 beats 0.50 only -> 3 of 4
+    assert cells[7].startswith("0.75 [")
+
+
+def test_control_runs_per_seed_without_cell_settings_and_is_tabulated(tmp_path, tiny_bc_iql_run):
+    """--control: one demos-only run per seed (rule_coef 0, the DAPG term on, --cell settings kept out), the
+    table against it printed, and --from-dir recognising it from its config."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    tiny = [f"finetune.checkpoint={tiny_bc_iql_run}", "finetune.iterations=1", "finetune.steps_per_iter=4",
+            "finetune.eval_every=1", "finetune.eval_episodes=1", "finetune.value_warmup_iters=0", "env.num_envs=2",
+            "cluster.num_hosts=1", "env.max_episode_steps=4", "run.tensorboard=false"]
+    r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--advantages", "gae", "--updates", "awr",
+                        "--modes", "offline", "--root", str(tmp_path), "--control", "--cell",
+                        "*:*:finetune.target_kl=0.5", "--", *tiny], cwd=str(ROOT), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ctrl = yaml.safe_load((tmp_path / "finetune" / "control_seed0" / "config.yaml").read_text())["finetune"]
+    cell = yaml.safe_load((tmp_path / "finetune" / "gae_awr_offline_seed0" / "config.yaml").read_text())["finetune"]
+    assert (ctrl["advantage"], ctrl["update"], ctrl["rule_coef"], ctrl["bc_coef"]) == ("gae", "ppo", 0.0, 0.1)
+    assert cell["target_kl"] == 0.5 and ctrl["target_kl"] != 0.5 and cell["rule_coef"] == 1.0
+    for out in (r.stdout, (tmp_path / "finetune_grid.md").read_text()):
+        assert "| control | demos only | offline | 0 |" in out
+        assert "Against the demos-only control" in out
+        assert [line.split("|")[4].strip() for line in out.splitlines() if line.startswith("| gae | awr |")] \
+            == ["0", "0"]  # the cell's row in the grid table (seed 0), then its row against the control (seeds "0")
+    r2 = subprocess.run([sys.executable, "bench/finetune_grid.py", "--from-dir", str(tmp_path)], cwd=str(ROOT),
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "| control | demos only | offline | 0 |" in r2.stdout and "Against the demos-only control" in r2.stdout
