@@ -271,7 +271,9 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
             env_steps, it0 = 0, 0
             what = "sac" if fc.update == "sac" else f"{fc.advantage} x {fc.update}"
-            log(f"[offrl] finetune {what} ({'replay' if fc.replay else 'on-policy'}) from "
+            path = ("replay" if fc.replay else "on-policy") + (f", DAPG term {fc.bc_coef:g}" if fc.bc_coef else "") \
+                + (", rule loss off: demos-only control" if fc.rule_coef == 0 else "")
+            log(f"[offrl] finetune {what} ({path}) from "
                 f"{start_ckpt}: {len(pool)} SimHosts x {pool.spec['num_envs']} envs, {fc.iterations} rounds x "
                 f"{T * N} env steps" + (f", success bonus {bonus:.3g}" if bonus else ""))
             start = do_eval()
