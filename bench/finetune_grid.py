@@ -106,7 +106,7 @@ def _vs_control(rows: list[dict]) -> "str | None":
              "P(cell > control) [95% CI] |", "|---|---|---|---|---:|---:|---:|---|"]
     for (adv, upd, w, mode), rs in groups.items():
         seeds = sorted(r["seed"] for r in rs)
-        x = np.array([r["success_after"] for r in sorted(rs, key=lambda r: r["seed"])])
+        x = np.array([r["success_after"] for r in rs])  # P and the means need no pairing order
         y = np.array([ctrl[s] for s in seeds])
         p = probability_of_improvement_ci(x, y)
         upd = upd + (f" (w={w:g})" if upd == "recap" else "")
