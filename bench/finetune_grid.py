@@ -6,7 +6,9 @@ checkpoint; then prints a markdown table read back from each run's ``finetune_su
 ``metrics.csv`` and writes it to ``<root>/finetune_grid.md``. Every figure is recomputed from the run
 directories. A finished run under ``<root>`` is reused only when its config is the cell's (every key outside
 ``run.*``); one that differs stops the grid before anything runs. ``--cell ADV:UPDATE:key=value`` gives a
-setting to the matching cells only.
+setting to the matching cells only. The overrides after ``--`` reach every cell, except for the keys the
+grid sets itself (the advantage, the update, the mode's keys such as ``finetune.bc_coef``, the seed and
+``run.*``): naming one of those stops the grid with one error line saying which flag or ``--cell`` to use.
 
 Modes (``--modes``): ``onpolicy`` is each rule as its own literature runs it on fresh rollouts only;
 ``offline`` keeps the pretraining data in the loop: the replay + offline mix (``finetune.replay=true``)
@@ -164,6 +166,23 @@ def _cell_overrides(cells: list[tuple[str, str, str]], adv: str, upd: str) -> li
     return [kv for a, u, kv in cells if a in ("*", adv) and u in ("*", upd)]
 
 
+_GRID_FLAGS = {"finetune.bc_coef": "--bc-coef", "finetune.advantage": "--advantages",
+               "finetune.update": "--updates", "seed": "--seeds", "run.root": "--root"}
+
+
+def _shadowed_override(overrides: list[str], grid_keys: list[str]) -> "str | None":
+    """Why a global ``key=value`` override would not reach a cell (the grid sets that key itself, after the
+    overrides), or None. Without this check such an override is silently replaced."""
+    own = {kv.split("=", 1)[0].strip() for kv in grid_keys}
+    own |= {"seed", "run.root", "run.experiment", "run.trial", "run.progress"}
+    for kv in overrides:
+        key = kv.split("=", 1)[0].strip()
+        if key in own:
+            how = _GRID_FLAGS.get(key, f"--cell ADV:UPDATE:{key}=VALUE")
+            return f"the grid sets {key} itself, so the override {kv!r} would not reach it (use {how})"
+    return None
+
+
 def _config_mismatch(run: Path, cfg) -> "str | None":
     """Why the finished run at ``run`` is not the cell ``cfg`` (None when they agree on every key outside
     ``run.*``): the grid reuses a run only when it is the one it would start."""
@@ -263,8 +282,13 @@ def main() -> int:
         else:
             keys = [*([] if upd == "sac" else [f"finetune.advantage={adv}"]), f"finetune.update={upd}",
                     *_mode_overrides(adv, upd, mode, args.bc_coef),
-                    *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else []),
-                    *_cell_overrides(cell_specs, adv, upd)]
+                    *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else [])]
+        clash = _shadowed_override(args.overrides, keys)
+        if clash:
+            print(f"error: cell {trial}: {clash}", file=sys.stderr)
+            return 2
+        if (adv, upd) != CONTROL:
+            keys += _cell_overrides(cell_specs, adv, upd)
         try:
             configs.append(load_config(args.config, [
                 *args.overrides, *keys, f"seed={seed}", f"run.root={root}", "run.experiment=finetune",

@@ -78,6 +78,21 @@ def test_cell_overrides_apply_to_the_matching_cells_only():
     assert _cell_overrides(cells, "gae", "awr") == []
 
 
+def test_global_overrides_of_the_grids_own_keys_are_named():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from finetune_grid import _mode_overrides, _shadowed_override
+
+    sac = ["finetune.update=sac", *_mode_overrides("sac", "sac", "offline", 0.1)]
+    assert "use --cell ADV:UPDATE:finetune.actor_lr=VALUE" in _shadowed_override(["finetune.actor_lr=1e-4"], sac)
+    gae = ["finetune.advantage=gae", "finetune.update=ppo", *_mode_overrides("gae", "ppo", "offline", 0.1)]
+    assert _shadowed_override(["finetune.actor_lr=1e-4", "finetune.gamma=0.95"], gae) is None  # reaches gae x ppo
+    assert "run.trial" in _shadowed_override(["run.trial=x"], gae)
+
+
 def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_path):
     import subprocess
     import sys
@@ -88,7 +103,12 @@ def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_pa
                       (["--cell", "td:ppo:finetune.gamma=0.9"], "unknown advantage 'td'"),
                       (["--cell", "mc:dqn:finetune.gamma=0.9"], "unknown update 'dqn'"),
                       (["--cell", "iql:ppo:finetune.ref_kl_coef=nan"],
-                       "cell iql_ppo_offline_seed0: config key 'finetune.ref_kl_coef': must be a finite number")]:
+                       "cell iql_ppo_offline_seed0: config key 'finetune.ref_kl_coef': must be a finite number"),
+                      # a global override of a key the grid sets itself would be silently replaced
+                      (["--", "finetune.bc_coef=0.03"], "cell gae_ppo_offline_seed0: the grid sets finetune.bc_coef "
+                       "itself, so the override 'finetune.bc_coef=0.03' would not reach it (use --bc-coef)"),
+                      (["--", "seed=3"], "the grid sets seed itself, so the override 'seed=3' would not reach it "
+                       "(use --seeds)")]:
         r = subprocess.run([sys.executable, "bench/finetune_grid.py", "--config", "tune_configs/finetune_sparse.yaml",
                             "--advantages", "gae", "iql", "--updates", "ppo", "--modes", "offline", "--root",
                             str(tmp_path / "grid"), *args], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
