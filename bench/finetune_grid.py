@@ -174,7 +174,6 @@ def _shadowed_override(overrides: list[str], grid_keys: list[str]) -> "str | Non
     """Why a global ``key=value`` override would not reach a cell (the grid sets that key itself, after the
     overrides), or None. Without this check such an override is silently replaced."""
     own = {kv.split("=", 1)[0].strip() for kv in grid_keys}
-    own |= {"seed", "run.root", "run.experiment", "run.trial", "run.progress"}
     for kv in overrides:
         key = kv.split("=", 1)[0].strip()
         if key in own:
@@ -283,16 +282,16 @@ def main() -> int:
             keys = [*([] if upd == "sac" else [f"finetune.advantage={adv}"]), f"finetune.update={upd}",
                     *_mode_overrides(adv, upd, mode, args.bc_coef),
                     *([f"finetune.recap_cfg_weight={w}"] if upd == "recap" else [])]
-        clash = _shadowed_override(args.overrides, keys)
+        per_run = [f"seed={seed}", f"run.root={root}", "run.experiment=finetune", f"run.trial={trial}",
+                   "run.progress=false"]
+        clash = _shadowed_override(args.overrides, keys + per_run)
         if clash:
             print(f"error: cell {trial}: {clash}", file=sys.stderr)
             return 2
         if (adv, upd) != CONTROL:
             keys += _cell_overrides(cell_specs, adv, upd)
         try:
-            configs.append(load_config(args.config, [
-                *args.overrides, *keys, f"seed={seed}", f"run.root={root}", "run.experiment=finetune",
-                f"run.trial={trial}", "run.progress=false"]))
+            configs.append(load_config(args.config, [*args.overrides, *keys, *per_run]))
         except OffrlError as e:
             print(f"error: cell {trial}: {e}", file=sys.stderr)
             return 2

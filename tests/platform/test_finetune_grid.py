@@ -90,7 +90,7 @@ def test_global_overrides_of_the_grids_own_keys_are_named():
     assert "use --cell ADV:UPDATE:finetune.actor_lr=VALUE" in _shadowed_override(["finetune.actor_lr=1e-4"], sac)
     gae = ["finetune.advantage=gae", "finetune.update=ppo", *_mode_overrides("gae", "ppo", "offline", 0.1)]
     assert _shadowed_override(["finetune.actor_lr=1e-4", "finetune.gamma=0.95"], gae) is None  # reaches gae x ppo
-    assert "run.trial" in _shadowed_override(["run.trial=x"], gae)
+    assert "run.trial" in _shadowed_override(["run.trial=x"], [*gae, "run.trial=gae_ppo_offline_seed0"])
 
 
 def test_bad_cell_specs_and_cell_configs_are_refused_before_anything_runs(tmp_path):
