@@ -627,6 +627,9 @@ class FinetuneConfig(_Checked):
                                   "still); 0 keeps every copy (HER).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
+    bc_decay: float = _f(1.0, "Per-round decay of the DAPG term: round k (from 0) weighs it bc_coef * bc_decay**k "
+                              "(DAPG's own schedule, Rajeswaran et al. 2018, decays it by 0.95 an iteration), so the "
+                              "demos hold the first rounds and give way later. 1: a constant weight.")
     rule_coef: float = _f(1.0, "Weight of the update rule's own loss (PPO, AWR, push-away, RECAP; not sac) in the "
                                "actor loss. 0 leaves only the bc_coef and ref_kl_coef terms: the demos-only control "
                                "that tells a rule's gain from what the DAPG term alone does with the same rounds.")
@@ -698,6 +701,8 @@ class FinetuneConfig(_Checked):
             raise ConfigError("offline_ratio", f"must be in [0, 1], got {self.offline_ratio}")
         if self.bc_coef < 0:
             raise ConfigError("bc_coef", f"must be >= 0, got {self.bc_coef}")
+        if not (math.isfinite(self.bc_decay) and 0.0 < self.bc_decay <= 1.0):
+            raise ConfigError("bc_decay", f"must be in (0, 1], got {self.bc_decay}")
         if not (math.isfinite(self.ref_kl_coef) and self.ref_kl_coef >= 0):
             raise ConfigError("ref_kl_coef", f"must be a finite number >= 0, got {self.ref_kl_coef}")
         if not (math.isfinite(self.rule_coef) and self.rule_coef >= 0):

@@ -24,7 +24,8 @@ critics when the estimator has them (IQL, SARSA), positive otherwise (GAE, MC: t
 demonstrations). On the replay path the offline rows are already in the minibatch and the critics label them.
 
 Both add ``bc_coef * -mean log pi(a | s)`` over an offline minibatch to every actor loss when
-``bc_coef > 0`` (DAPG's behaviour-cloning term, Rajeswaran et al. 2018).
+``bc_coef > 0`` (DAPG's behaviour-cloning term, Rajeswaran et al. 2018), weighted down by ``bc_decay`` a round
+when that is below 1 (DAPG's schedule).
 
 Batch contract of :meth:`FinetuneLearner.update` (flat ``[B]`` unless noted): obs ``[B, d]``,
 actions ``[B, a]`` (as executed; critics use them), raw_actions ``[B, a]`` (the unclipped sample whose
@@ -94,6 +95,11 @@ class RoundLearner:
         idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
         return -self.actor.log_prob(off["obs"][idx], off["actions"][idx],
                                     detach_std=self.cfg.bc_mean_only).mean()
+
+    def bc_weight(self) -> float:
+        """The DAPG term's weight this round: ``bc_coef * bc_decay ** iteration`` (``bc_decay`` 1: constant)."""
+        cfg = self.cfg
+        return cfg.bc_coef * cfg.bc_decay ** self.iteration if cfg.bc_decay != 1.0 else cfg.bc_coef
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"finetune": self.gen}
@@ -227,8 +233,9 @@ class FinetuneLearner(RoundLearner):
         loss = cfg.rule_coef * loss  # 1.0 * x is exact: the default changes no bit
         if cfg.bc_coef > 0:
             bc = self.bc_loss(b["obs"].shape[0])
-            loss = loss + cfg.bc_coef * bc
-            pm["bc_loss"] = float(bc.detach())
+            w = self.bc_weight()
+            loss = loss + w * bc
+            pm.update(bc_loss=float(bc.detach()), bc_weight=w)
         if self.ref_actor is not None:
             kl = self.ref_kl(b["obs"])
             loss = loss + cfg.ref_kl_coef * kl

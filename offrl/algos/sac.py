@@ -18,7 +18,7 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
   KL(pi_before || pi_after) of 3,700 after the first 200-step actor round, success 0.45 -> 0.00); the
   quadratic penalty on the out-of-bounds part of the mean holds it near the bounds (``finetune.sac_bound_coef``);
 * ``+ bc_coef * -mean log pi(a_demo | s_demo)`` on offline rows when ``finetune.bc_coef > 0`` (the DAPG term
-  every other rule has);
+  every other rule has), times ``bc_decay ** round`` (``finetune.bc_decay``, DAPG's schedule; 1 keeps it constant);
 * a trust region per round: once KL(pi at the round's start || pi) on the round's first minibatch exceeds
   ``finetune.target_kl``, the round's remaining steps train the critics only. A fresh ensemble's action
   gradient is mostly extrapolation; the stop lets the critics catch up with each small policy change
@@ -223,8 +223,9 @@ class SACLearner(RoundLearner):
         loss = pi_loss + cfg.sac_bound_coef * out_of_bounds(self.actor, b["obs"])
         if cfg.bc_coef > 0:
             bc = self.bc_loss(b["obs"].shape[0])
-            loss = loss + cfg.bc_coef * bc
-            m["bc_loss"] = float(bc.detach())
+            w = self.bc_weight()
+            loss = loss + w * bc
+            m.update(bc_loss=float(bc.detach()), bc_weight=w)
         self._step(self.actor_opt, loss, self.actor.parameters(), "actor")
         a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
         self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")

@@ -272,6 +272,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             env_steps, it0 = 0, 0
             what = "sac" if fc.update == "sac" else f"{fc.advantage} x {fc.update}"
             path = ("replay" if fc.replay else "on-policy") + (f", DAPG term {fc.bc_coef:g}" if fc.bc_coef else "") \
+                + (f" x {fc.bc_decay:g}^round" if fc.bc_coef and fc.bc_decay != 1.0 else "") \
                 + (", rule loss off: demos-only control" if fc.rule_coef == 0 else "")
             log(f"[offrl] finetune {what} ({path}) from "
                 f"{start_ckpt}: {len(pool)} SimHosts x {pool.spec['num_envs']} envs, {fc.iterations} rounds x "
@@ -289,7 +290,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
         names = {"policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "approx_kl": M.APPROX_KL,
                  "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
-                 "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "offline_frac": M.OFFLINE_FRACTION, "ref_kl": M.REF_KL,
+                 "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "bc_weight": M.BC_WEIGHT,
+                 "offline_frac": M.OFFLINE_FRACTION, "ref_kl": M.REF_KL,
                  "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN,
                  "actor_steps": M.SAC_ACTOR_STEPS,
                  "round_kl": M.ROUND_KL, "recap_pos": M.RECAP_POSITIVE, "recap_thr": M.RECAP_THRESHOLD,

@@ -216,7 +216,8 @@ def _same_weights(a, b):
 
 RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32",
                                   "env.reward_mode=sparse", "finetune.her_relabel=2"]),  # hindsight copies: loop rng
-           ("mc", "ppo", ["finetune.bc_coef=0.2"]),  # re-rollouts: the hosts rebuild their sims at the reset
+           ("mc", "ppo", ["finetune.bc_coef=0.2", "finetune.bc_decay=0.9"]),  # re-rollouts: the hosts rebuild
+           # their sims at the reset; the DAPG weight decays with the round counter
            ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
            ("gae", "push_away", ["finetune.keep_rounds=3", "finetune.ref_kl_coef=0.5"]),  # cut with 2 kept rounds;
            # round 4 drops round 1; the anchor's start policy comes back from the checkpoint
@@ -238,6 +239,9 @@ def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, 
     ra, rb = _comparable(straight), _comparable(cut)
     assert [r["step"] for r in rb] == ["0", "32", "64", "96", "128"]
     assert ra == rb
+    if "finetune.bc_decay=0.9" in extra:  # the resumed rounds carry on the schedule: 0.2 * 0.9**round
+        assert [float(r["charts/bc_weight"]) for r in rb if r.get("charts/bc_weight")] == \
+            pytest.approx([0.2 * 0.9 ** k for k in range(4)])
     if "finetune.ref_kl_coef=0.5" in extra:  # the anchor acted, and its start policy is in the checkpoint
         assert any(float(r.get("losses/ref_kl") or 0) > 0 for r in ra)
         from safetensors.torch import load_file
