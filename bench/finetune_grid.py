@@ -132,7 +132,7 @@ def _mode_overrides(adv: str, upd: str, mode: str, bc_coef: float) -> list[str]:
     if upd == "sac":
         # sac trains on the replay + offline mix, with the DAPG term of the offline mode (without it the actor
         # left the demos within 5 rounds, rollout success 0.41 -> 0.00, at actor_lr 1e-4 and at 3e-5 alike; the
-        # run with the term used 3e-5); two Q heads keep a run to ~15 minutes on 2 cores (ten: ~0.12 s a step)
+        # run with the term used 3e-5); two Q heads keep a run to 6-8 minutes alone on 2 cores (ten: about 14)
         return ["finetune.replay=true", f"finetune.bc_coef={bc_coef}", "finetune.sac_ensemble=2",
                 "finetune.actor_lr=3e-5"]
     if mode == "onpolicy":
