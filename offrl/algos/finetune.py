@@ -97,9 +97,18 @@ class RoundLearner:
                                     detach_std=self.cfg.bc_mean_only).mean()
 
     def bc_weight(self) -> float:
-        """The DAPG term's weight this round: ``bc_coef * bc_decay ** iteration`` (``bc_decay`` 1: constant)."""
-        cfg = self.cfg
-        return cfg.bc_coef * cfg.bc_decay ** self.iteration if cfg.bc_decay != 1.0 else cfg.bc_coef
+        """The DAPG term's weight this round: ``bc_coef * bc_decay ** iteration`` (``bc_decay`` 1: exactly
+        ``bc_coef``, as 1.0 ** k is 1.0)."""
+        return self.cfg.bc_coef * self.cfg.bc_decay ** self.iteration
+
+    def with_bc_term(self, loss: torch.Tensor, n: int, metrics: dict[str, float]) -> torch.Tensor:
+        """``loss`` plus the weighted DAPG term on ``n`` offline rows when ``bc_coef > 0`` (its loss and weight
+        go into ``metrics``); ``loss`` itself otherwise."""
+        if self.cfg.bc_coef <= 0:
+            return loss
+        bc, w = self.bc_loss(n), self.bc_weight()
+        metrics.update(bc_loss=float(bc.detach()), bc_weight=w)
+        return loss + w * bc
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"finetune": self.gen}
@@ -231,11 +240,7 @@ class FinetuneLearner(RoundLearner):
         cfg = self.cfg
         loss, pm = self._rule_loss(b, adv)
         loss = cfg.rule_coef * loss  # 1.0 * x is exact: the default changes no bit
-        if cfg.bc_coef > 0:
-            bc = self.bc_loss(b["obs"].shape[0])
-            w = self.bc_weight()
-            loss = loss + w * bc
-            pm.update(bc_loss=float(bc.detach()), bc_weight=w)
+        loss = self.with_bc_term(loss, b["obs"].shape[0], pm)
         if self.ref_actor is not None:
             kl = self.ref_kl(b["obs"])
             loss = loss + cfg.ref_kl_coef * kl

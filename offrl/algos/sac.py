@@ -221,11 +221,7 @@ class SACLearner(RoundLearner):
         alpha = c.log_alpha.exp().detach()
         pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
         loss = pi_loss + cfg.sac_bound_coef * out_of_bounds(self.actor, b["obs"])
-        if cfg.bc_coef > 0:
-            bc = self.bc_loss(b["obs"].shape[0])
-            w = self.bc_weight()
-            loss = loss + w * bc
-            m.update(bc_loss=float(bc.detach()), bc_weight=w)
+        loss = self.with_bc_term(loss, b["obs"].shape[0], m)
         self._step(self.actor_opt, loss, self.actor.parameters(), "actor")
         a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
         self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
