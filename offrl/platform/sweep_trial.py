@@ -263,12 +263,32 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _log_file(trial: Any, name: str) -> Path:
+    """A sweep log of ``trial`` in its folder of the experiment (the storage path), not in Tune's driver
+    staging folder: Tune copies that folder over the experiment's in a background thread, and a driver
+    killed during the copy leaves the copied files cut short (an empty ``progress.csv`` after ``--resume``).
+    Written here, the logs are only ever appended to or replaced whole, and a half-written last line
+    is dropped when the file is opened again (:func:`_drop_cut_line`)."""
+    fs = trial.storage.storage_filesystem.type_name
+    if fs != "local":
+        raise ValueError(f"sweep logs need a storage path on the local filesystem, got a {fs!r} one")
+    path = Path(trial.storage.trial_fs_path, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Drop a last line that a killed driver left without its newline (appends would join it to the next row)."""
+    if path.exists():
+        text = path.read_text(errors="replace")
+        if text and not text.endswith("\n"):
+            _write_atomic(path, text[:text.rfind("\n") + 1])
+
+
 class JsonResultLog(JsonLoggerCallback):
     """Tune's result.json with one row per ``step``: a report at a step already logged (a trial that
-    restarted from a checkpoint or from scratch) first drops the rows it supersedes.
-
-    The file is restored from the experiment folder only when this driver has none yet (Tune's own
-    logger restores it on every restart and can lose the rows logged since the last sync).
+    restarted from a checkpoint or from scratch) first drops the rows it supersedes. The file lives in the
+    trial's experiment folder (:func:`_log_file`); ``params.json`` stays Tune's.
     """
 
     def __init__(self) -> None:
@@ -278,11 +298,10 @@ class JsonResultLog(JsonLoggerCallback):
     def log_trial_start(self, trial: Any) -> None:
         if trial in self._trial_files:
             self._trial_files[trial].close()
-        self.update_config(trial, trial.config)
         trial.init_local_path()
-        path = Path(trial.local_path, EXPR_RESULT_FILE)
-        if not path.exists():
-            self._restore_from_remote(EXPR_RESULT_FILE, trial)
+        self.update_config(trial, trial.config)  # params.json and params.pkl, in Tune's staging folder
+        path = _log_file(trial, EXPR_RESULT_FILE)
+        _drop_cut_line(path)
         steps = [s for s in (_num(row.get(STEP)) for row in self._rows(path)) if s is not None]
         self._last_step[trial] = max(steps) if steps else None
         self._trial_files[trial] = path.open("at")
@@ -305,7 +324,7 @@ class JsonResultLog(JsonLoggerCallback):
             self.log_trial_start(trial)
         step, last = _num(result.get(STEP)), self._last_step.get(trial)
         if step is not None and last is not None and step <= last:
-            path = Path(trial.local_path, EXPR_RESULT_FILE)
+            path = _log_file(trial, EXPR_RESULT_FILE)
             self._trial_files[trial].close()
             kept = [r for r in self._rows(path) if _num(r.get(STEP)) is None or _num(r.get(STEP)) < step]
             _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -318,7 +337,8 @@ class JsonResultLog(JsonLoggerCallback):
 class ProgressCsvLog(CSVLoggerCallback):
     """Tune's progress.csv with a column for every metric ever reported (Tune's own keeps only the
     first result's keys, and offrl's first rows lack most metrics) and one row per ``step``
-    (superseded rows are dropped as in :class:`JsonResultLog`)."""
+    (superseded rows are dropped as in :class:`JsonResultLog`), in the trial's experiment folder
+    (:func:`_log_file`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -326,10 +346,8 @@ class ProgressCsvLog(CSVLoggerCallback):
         self._cols: dict = {}
 
     def _setup_trial(self, trial: Any) -> None:
-        trial.init_local_path()
-        path = Path(trial.local_path, EXPR_PROGRESS_FILE)
-        if not path.exists():
-            self._restore_from_remote(EXPR_PROGRESS_FILE, trial)
+        path = _log_file(trial, EXPR_PROGRESS_FILE)
+        _drop_cut_line(path)
         rows, cols = [], []
         if path.exists():
             with open(path, newline="") as f:
@@ -344,7 +362,7 @@ class ProgressCsvLog(CSVLoggerCallback):
             self._setup_trial(trial)
         row = flatten_dict({k: v for k, v in result.items() if k != "config"}, delimiter="/")
         rows, cols = self._rows[trial], self._cols[trial]
-        path = Path(trial.local_path, EXPR_PROGRESS_FILE)
+        path = _log_file(trial, EXPR_PROGRESS_FILE)
         step = _num(row.get(STEP))
         rewrite = not path.exists()
         if step is not None:

@@ -173,11 +173,16 @@ def test_cli_dry_run_and_mistakes(fake_inputs, capsys):
 # ------------------------------------------------------------------------------------------ Tune logging
 
 class _Trial:
-    """What Tune's logger callbacks use of a Trial."""
+    """What Tune's logger callbacks use of a Trial: its folder in the experiment (``path``, on the storage
+    path) and Tune's driver staging folder (``staging``), which Tune copies over the former now and then."""
 
-    def __init__(self, path: Path):
-        path.mkdir(parents=True, exist_ok=True)
-        self.local_path, self.config, self.checkpoint, self.trial_id = str(path), {"seed": 0}, None, "t0"
+    def __init__(self, path: Path, staging: Path):
+        import pyarrow.fs
+        from types import SimpleNamespace
+
+        staging.mkdir(parents=True, exist_ok=True)
+        self.local_path, self.config, self.checkpoint, self.trial_id = str(staging), {"seed": 0}, None, "t0"
+        self.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(path))
 
     def init_local_path(self) -> None:
         pass
@@ -190,7 +195,7 @@ def _log(callbacks, trial, *rows):
 
 
 def test_tune_logs_keep_one_row_per_step_and_every_column(tmp_path):
-    trial = _Trial(tmp_path / "t")
+    trial = _Trial(tmp_path / "t", tmp_path / "staging")
     cbs = [JsonResultLog(), ProgressCsvLog()]
     _log(cbs, trial, {"step": 0, "eval/success_rate": 0.1}, {"step": 8, "losses/policy_loss": 1.0},
          {"step": 16, "losses/policy_loss": 0.5, "eval/success_rate": 0.2})
@@ -213,6 +218,27 @@ def test_tune_logs_keep_one_row_per_step_and_every_column(tmp_path):
     assert [r["step"] for r in rows] == [0] and rows[0]["eval/success_rate"] == 0.5
     with open(tmp_path / "t" / "progress.csv", newline="") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["0"]
+    # the logs are written straight into the experiment folder, never into Tune's staging folder, whose
+    # copies Tune writes over the experiment's in the background (a driver killed then leaves them cut short)
+    assert sorted(f.name for f in (tmp_path / "staging").iterdir()) == ["params.json", "params.pkl"]
+
+
+def test_tune_logs_drop_a_line_a_killed_driver_cut_short(tmp_path):
+    """A driver killed in the middle of an append leaves a last line without its newline: the next driver
+    drops it before appending, so the next row is not glued onto it."""
+    trial = _Trial(tmp_path / "t", tmp_path / "staging")
+    cbs = [JsonResultLog(), ProgressCsvLog()]
+    _log(cbs, trial, {"step": 1, "x": 0.1}, {"step": 2, "x": 0.2})
+    for name in ("result.json", "progress.csv"):
+        path = tmp_path / "t" / name
+        path.write_text(path.read_text() + path.read_text().splitlines()[-1][:7])  # step 3, cut short
+    cbs = [JsonResultLog(), ProgressCsvLog()]
+    for cb in cbs:
+        cb.log_trial_start(trial)
+    _log(cbs, trial, {"step": 3, "x": 0.3})
+    assert [json.loads(line)["step"] for line in (tmp_path / "t" / "result.json").read_text().splitlines()] == [1, 2, 3]
+    with open(tmp_path / "t" / "progress.csv", newline="") as f:
+        assert [(r["step"], r["x"]) for r in csv.DictReader(f)] == [("1", "0.1"), ("2", "0.2"), ("3", "0.3")]
 
 
 def test_replay_metrics_of_a_finished_run(tmp_path):
