@@ -662,6 +662,10 @@ class FinetuneConfig(_Checked):
                  "floor, the same as full); full: every entry, normalised by the start actor's statistics. From "
                  "PickCube starts that hide the orientations, actor ended higher on every seed compared.")
     sac_tau: float = _f(0.005, "sac: Polyak rate of the target Q networks.")
+    sac_actor_every: int = _f(1, "sac: the actor and temperature step on every K-th of the round's "
+                                 "updates_per_round gradient steps, the critics on every one (RLPD's update-to-data "
+                                 "ratio: several critic steps per actor step). K=4 with updates_per_round=800 keeps "
+                                 "the actor's 200 steps a round and gives the critics four times as many.")
     sac_bound_coef: float = _f(1.0, "sac: weight of the penalty ||mu - clip(mu)||^2 that keeps the actor's mean "
                                     "near the action bounds (clip squashing; 0 disables).")
     eval_every: int = _f(5, "Deterministic evaluation every K rounds (and before the first and after the last).")
@@ -669,7 +673,8 @@ class FinetuneConfig(_Checked):
 
     def check(self) -> None:
         for name in ("iterations", "steps_per_iter", "epochs", "minibatches", "mc_samples", "eval_every",
-                     "eval_episodes", "updates_per_round", "batch_size", "replay_size", "sac_ensemble"):
+                     "eval_episodes", "updates_per_round", "batch_size", "replay_size", "sac_ensemble",
+                     "sac_actor_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda", "expectile"):

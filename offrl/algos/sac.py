@@ -186,14 +186,18 @@ class SACLearner(RoundLearner):
                      "the last good checkpoint is kept (lower the learning rates)")
 
     def update_replay(self, train_actor: bool = True) -> dict[str, float]:
-        """``updates_per_round`` steps: critics on every minibatch, then actor and temperature."""
+        """``updates_per_round`` steps: critics on every minibatch, then actor and temperature on every
+        ``sac_actor_every``-th."""
         cfg = self.cfg
         actor_on, actor_steps = train_actor, 0   # the round's trust region (target_kl) can end the actor early
+        step = 0
 
         def one_step(b: Mapping[str, torch.Tensor]) -> dict[str, float]:
-            nonlocal actor_on, actor_steps
-            m = self.gradient_step(b, actor_on)
-            if actor_on:
+            nonlocal actor_on, actor_steps, step
+            step += 1
+            actor_now = actor_on and step % cfg.sac_actor_every == 0
+            m = self.gradient_step(b, actor_now)
+            if actor_now:
                 actor_steps += 1
                 if cfg.target_kl is not None and self.kl_from_round_start() > cfg.target_kl:
                     actor_on = False

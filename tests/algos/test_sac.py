@@ -156,6 +156,25 @@ def test_a_round_is_its_gradient_steps_on_the_mixed_minibatches():
     assert torch.equal(a.gen.get_state(), b.gen.get_state())
 
 
+def test_actor_every_k_steps_the_critics_on_every_one():
+    """finetune.sac_actor_every=3: a round of 6 steps is the critics on all six minibatches and the actor and
+    temperature on the 3rd and 6th (RLPD's several critic steps per actor step)."""
+    from offrl.algos.replay import mixed_batch
+
+    a, b = _learner(updates_per_round=6, sac_actor_every=3), _learner(updates_per_round=6)
+    data = _bandit(256, torch.Generator().manual_seed(4))
+    a.replay.add(data)
+    b.replay.add(data)
+    out = a.update_replay()
+    for i in range(6):
+        b.gradient_step(mixed_batch(b.replay, None, 64, 0.0, b.gen), train_actor=i % 3 == 2)
+    for pa, pb in zip(list(a.actor.parameters()) + list(a.critics.parameters()),
+                      list(b.actor.parameters()) + list(b.critics.parameters())):
+        assert torch.equal(pa, pb)
+    assert out["actor_steps"] == 2 and out["grad_steps"] == 6
+    assert float(a.critics.log_alpha) != float(_learner().critics.log_alpha)  # the temperature stepped too
+
+
 @pytest.mark.gpu
 def test_the_gradient_step_runs_on_a_gpu():
     lr = _learner()
