@@ -173,7 +173,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     from offrl.platform.logger import MetricLogger
     from offrl.platform.pretrain import actor_spec
     from offrl.platform.rollout import summarize_episodes
-    from offrl.platform.rundir import create_run_dir, discard_run_dir
+    from offrl.platform.rundir import create_run_dir, discard_run_dir, update_resumed_config
     from offrl.platform.simhost import SimHostPool, concat_rollouts
 
     run_dir = Path(cfg.run.root) / cfg.run.experiment / (cfg.run.trial or "")
@@ -265,6 +265,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             logger = MetricLogger(run_dir, tensorboard=cfg.run.tensorboard)
             logger.truncate_after(env_steps)
             log(f"[offrl] resuming {run_dir} from round {it0} ({env_steps} env steps)")
+            update_resumed_config(cfg, run_dir, log)
         else:
             run_dir = create_run_dir(cfg, exist_ok=exist_ok)
             created = not exist_ok

@@ -273,7 +273,7 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
     from offrl.platform.jobs import progress
     from offrl.platform.logger import MetricLogger
     from offrl.envs.maniskill import probe_env
-    from offrl.platform.rundir import create_run_dir, discard_run_dir
+    from offrl.platform.rundir import create_run_dir, discard_run_dir, update_resumed_config
     from offrl.platform.simhost import SimHostPool
 
     pc = cfg.pretrain
@@ -366,6 +366,8 @@ def run_pretrain_job(cfg: Any, *, resume: bool = False, init_from: Optional[str]
             if logger is not None:
                 logger.truncate_after(start_epoch)
             log(f"[offrl] resuming {run_dir} from epoch {start_epoch}")
+            if lead:
+                update_resumed_config(cfg, run_dir, log)
         else:
             if lead:
                 run_dir = create_run_dir(cfg, exist_ok=exist_ok)

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from offrl.config import save_config
+from offrl.config import save_config, to_dict
 from offrl.errors import OffrlError
 
 _PACKAGES = ("offrl", "torch", "ray", "mani_skill", "sapien", "numpy", "gymnasium", "h5py", "pandas")
@@ -69,6 +69,36 @@ def create_run_dir(cfg: Any, *, exist_ok: bool = False, command: str | None = No
     save_config(cfg, path / "config.yaml")
     (path / "meta.json").write_text(json.dumps(meta_dict(command), indent=2))
     return path
+
+
+def update_resumed_config(cfg: Any, run_dir: str | Path, log: Any = print) -> list[str]:
+    """A resumed run's config.yaml becomes the config it continues with, so that it says what ran (e.g. a
+    run continued with more ``finetune.iterations``); returns the changed keys, each logged with its
+    old and new value."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        old = _flat(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        old = {}
+    new = _flat(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        save_config(cfg, path)
+        log("[offrl] --resume with changed keys (config.yaml updated): "
+            + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    return changed
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def discard_run_dir(run_dir: str | Path) -> None:

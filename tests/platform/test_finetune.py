@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from offrl.config import load_config
@@ -234,8 +235,12 @@ def test_resume_continues_exactly(tmp_path, bc_iql_checkpoint, adv, upd, extra, 
     straight = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=straight",
                                      "finetune.iterations=4", *extra), log=lambda *a: None)
     run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=cut", *extra), log=lambda *a: None)
+    lines = []
     cut = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "run.trial=cut", "finetune.iterations=4",
-                                *extra), log=lambda *a: None, resume=True)
+                                *extra), log=lines.append, resume=True)
+    # config.yaml now says what ran: the resumed run's 4 rounds, not the 2 it was started with
+    assert yaml.safe_load((cut / "config.yaml").read_text())["finetune"]["iterations"] == 4
+    assert "[offrl] --resume with changed keys (config.yaml updated): finetune.iterations 2 -> 4" in lines
     ra, rb = _comparable(straight), _comparable(cut)
     assert [r["step"] for r in rb] == ["0", "32", "64", "96", "128"]
     assert ra == rb

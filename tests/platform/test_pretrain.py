@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -76,8 +77,11 @@ def test_resume_continues_exactly(tmp_path, expert_dataset, ray_cluster):
                                      "pretrain.epochs=4"), log=lambda *a: None)
     run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc+iql", "run.trial=cut", "pretrain.epochs=2"),
                      log=lambda *a: None)
+    lines = []
     cut = run_pretrain_job(_cfg(tmp_path, expert_dataset, "bc+iql", "run.trial=cut", "pretrain.epochs=4"),
-                           resume=True, log=lambda *a: None)
+                           resume=True, log=lines.append)
+    assert yaml.safe_load((cut / "config.yaml").read_text())["pretrain"]["epochs"] == 4
+    assert "[offrl] --resume with changed keys (config.yaml updated): pretrain.epochs 2 -> 4" in lines
     a = load_file(str(straight / "checkpoints" / "4" / "model.safetensors"))
     b = load_file(str(cut / "checkpoints" / "4" / "model.safetensors"))
     assert a.keys() == b.keys()
