@@ -77,28 +77,20 @@ def update_resumed_config(cfg: Any, run_dir: str | Path, log: Any = print) -> li
     old and new value."""
     import yaml
 
+    from offrl.stats.load import flatten_config
+
     path = Path(run_dir) / "config.yaml"
     try:
-        old = _flat(yaml.safe_load(path.read_text()) or {})
+        old = flatten_config(yaml.safe_load(path.read_text()) or {})
     except (OSError, yaml.YAMLError):
         old = {}
-    new = _flat(to_dict(cfg))
+    new = flatten_config(to_dict(cfg))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         save_config(cfg, path)
         log("[offrl] --resume with changed keys (config.yaml updated): "
             + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
     return changed
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def discard_run_dir(run_dir: str | Path) -> None:

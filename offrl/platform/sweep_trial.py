@@ -344,9 +344,10 @@ class ProgressCsvLog(CSVLoggerCallback):
         super().__init__()
         self._rows: dict = {}
         self._cols: dict = {}
+        self._paths: dict = {}
 
     def _setup_trial(self, trial: Any) -> None:
-        path = _log_file(trial, EXPR_PROGRESS_FILE)
+        path = self._paths[trial] = _log_file(trial, EXPR_PROGRESS_FILE)
         _drop_cut_line(path)
         rows, cols = [], []
         if path.exists():
@@ -362,7 +363,7 @@ class ProgressCsvLog(CSVLoggerCallback):
             self._setup_trial(trial)
         row = flatten_dict({k: v for k, v in result.items() if k != "config"}, delimiter="/")
         rows, cols = self._rows[trial], self._cols[trial]
-        path = _log_file(trial, EXPR_PROGRESS_FILE)
+        path = self._paths[trial]
         step = _num(row.get(STEP))
         rewrite = not path.exists()
         if step is not None:
@@ -387,6 +388,7 @@ class ProgressCsvLog(CSVLoggerCallback):
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         self._rows.pop(trial, None)
         self._cols.pop(trial, None)
+        self._paths.pop(trial, None)
 
 
 class SweepProgress(Callback):
