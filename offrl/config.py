@@ -643,6 +643,10 @@ class FinetuneConfig(_Checked):
                                    "the full log-likelihood shrinks the std below the target entropy and the "
                                    "temperature climbs (measured at 800 updates a round: alpha 0.001 -> 2.2); "
                                    "mean-only keeps alpha near 0.002, though success did not rise (README).")
+    bc_q_filter: bool = _f(False, "sac: the Q filter of Nair et al. (2018) on the DAPG term: a demo row counts "
+                                  "only where the Q ensemble rates its action above the policy's mean action, "
+                                  "so the demos stop pinning the actor where the critics found better (logged "
+                                  "as bc_kept, the share of rows kept). Needs bc_coef > 0.")
     offline_dataset: str = _f("", "Offline data for replay / bc_coef (empty: the start checkpoint's "
                                   "pretrain.dataset and pretrain.num_episodes).")
     sac_ensemble: int = _f(10, "sac: Q networks in the ensemble (RLPD: 10).")
@@ -712,6 +716,9 @@ class FinetuneConfig(_Checked):
             raise ConfigError("ref_kl_coef", f"must be a finite number >= 0, got {self.ref_kl_coef}")
         if not (math.isfinite(self.rule_coef) and self.rule_coef >= 0):
             raise ConfigError("rule_coef", f"must be a finite number >= 0, got {self.rule_coef}")
+        if self.bc_q_filter and (self.update != "sac" or self.bc_coef <= 0):
+            raise ConfigError("bc_q_filter", f"needs update sac and bc_coef > 0 (got update {self.update}, "
+                                             f"bc_coef {self.bc_coef})")
         if self.rule_coef != 1.0 and self.update == "sac":
             raise ConfigError("rule_coef", "is not used by sac (its actor loss is SAC's own)")
         if self.ref_kl_coef > 0 and self.update == "sac":

@@ -60,6 +60,8 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.bc_decay=0", "finetune.bc_decay", "in (0, 1]"),
     ("finetune.bc_decay=1.5", "finetune.bc_decay", "in (0, 1]"),
     ("finetune.bc_decay=nan", "finetune.bc_decay", "finite number"),
+    ("finetune.bc_q_filter=true", "finetune.bc_q_filter", "needs update sac and bc_coef > 0"),
+    ("finetune.bc_q_filter=maybe", "finetune.bc_q_filter", "true or false"),
     ("finetune.sac_actor_every=0", "finetune.sac_actor_every", ">= 1"),
     ("finetune.sac_actor_every=1.5", "finetune.sac_actor_every", "integer"),
     ("finetune.updates_per_round=0", "finetune.updates_per_round", "must be >= 1"),

@@ -90,11 +90,18 @@ class RoundLearner:
 
     def bc_loss(self, n: int) -> torch.Tensor:
         """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term); with
-        ``bc_mean_only`` the std is a constant in it."""
+        ``bc_mean_only`` the std is a constant in it; rows that :meth:`bc_keep` weighs 0 add nothing (the
+        mean stays over all ``n``, so the term's scale falls with the share of rows filtered out)."""
         off = self.offline
         idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
-        return -self.actor.log_prob(off["obs"][idx], off["actions"][idx],
-                                    detach_std=self.cfg.bc_mean_only).mean()
+        obs, actions = off["obs"][idx], off["actions"][idx]
+        logp = self.actor.log_prob(obs, actions, detach_std=self.cfg.bc_mean_only)
+        keep = self.bc_keep(obs, actions)
+        return -logp.mean() if keep is None else -(keep * logp).mean()
+
+    def bc_keep(self, obs: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-row 0/1 weights of the DAPG term on these offline rows (None: every row counts)."""
+        return None
 
     def bc_weight(self) -> float:
         """The DAPG term's weight this round: ``bc_coef * bc_decay ** iteration`` (``bc_decay`` 1: exactly

@@ -19,6 +19,8 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
   quadratic penalty on the out-of-bounds part of the mean holds it near the bounds (``finetune.sac_bound_coef``);
 * ``+ bc_coef * -mean log pi(a_demo | s_demo)`` on offline rows when ``finetune.bc_coef > 0`` (the DAPG term
   every other rule has), times ``bc_decay ** round`` (``finetune.bc_decay``, DAPG's schedule; 1 keeps it constant);
+  with ``finetune.bc_q_filter`` only on the rows whose demo action the critics rate above the policy's mean
+  action (the Q filter of Nair et al. 2018), so the demos stop holding the actor where Q has found better;
 * a trust region per round: once KL(pi at the round's start || pi) on the round's first minibatch exceeds
   ``finetune.target_kl``, the round's remaining steps train the critics only. A fresh ensemble's action
   gradient is mostly extrapolation; the stop lets the critics catch up with each small policy change
@@ -226,12 +228,26 @@ class SACLearner(RoundLearner):
         pi_loss = (alpha * logp - c.q(b["obs"], a).mean(0)).mean()
         loss = pi_loss + cfg.sac_bound_coef * out_of_bounds(self.actor, b["obs"])
         loss = self.with_bc_term(loss, b["obs"].shape[0], m)
+        if self.cfg.bc_q_filter and self.cfg.bc_coef > 0:
+            m["bc_kept"] = self.bc_kept
         self._step(self.actor_opt, loss, self.actor.parameters(), "actor")
         a_loss = -(c.log_alpha * (logp.detach() + self.target_entropy)).mean()
         self._step(self.alpha_opt, a_loss, [c.log_alpha], "temperature")
         m.update(policy_loss=float(pi_loss.detach()), entropy=float(-logp.detach().mean()),
                  alpha=float(c.log_alpha.exp().detach()))
         return m
+
+    def bc_keep(self, obs: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """``bc_q_filter``: the Q filter of Nair et al. (2018): a demo row is imitated only where the critics
+        rate its action above the policy's own (mean) action, ``mean_i Q_i(s, a_demo) > mean_i Q_i(s, mu(s))``;
+        the kept share is logged as ``bc_kept``."""
+        if not self.cfg.bc_q_filter:
+            return None
+        with torch.no_grad():
+            mine, _ = self.actor.act(obs, deterministic=True)
+            keep = (self.critics.q(obs, actions).mean(0) > self.critics.q(obs, mine).mean(0)).float()
+        self.bc_kept = float(keep.mean())
+        return keep
 
     # -- checkpoint plumbing (the rest comes from RoundLearner)
     def modules(self) -> dict[str, nn.Module]:

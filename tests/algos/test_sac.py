@@ -138,6 +138,38 @@ def test_bc_mean_only_moves_the_mean_as_the_full_term_does_and_leaves_the_std():
             assert torch.allclose(grads[True][n], grads[False][n], atol=1e-7), n
 
 
+def test_q_filter_imitates_only_the_demos_the_critics_rate_above_the_policy():
+    """finetune.bc_q_filter (Nair et al. 2018): with critics fitted to a one-step task (best action 0.5) and a
+    policy whose mean sits near 0, demos at 0.5 (better than the policy) are imitated and demos at -0.9
+    (worse) are dropped; the DAPG term is the mean over all rows of the kept rows' -log pi."""
+    lr = _learner(updates_per_round=400, bc_coef=1.0, bc_q_filter=True)
+    g = torch.Generator().manual_seed(5)
+    lr.replay.add(_bandit(2048, g))
+    lr.update_replay(train_actor=False)  # the critics only: the actor keeps its mean near 0
+    obs = torch.randn(64, 2, generator=g)
+    good = torch.arange(64) % 2 == 0
+    lr.offline = {"obs": obs, "actions": torch.where(good, 0.5, -0.9).unsqueeze(1)}
+    keep = lr.bc_keep(lr.offline["obs"], lr.offline["actions"])
+    assert torch.equal(keep, good.float())
+    assert lr.bc_kept == 0.5
+    lr.gen.manual_seed(0)
+    filtered = lr.bc_loss(32)
+    lr.gen.manual_seed(0)
+    idx = torch.randint(0, 64, (32,), generator=lr.gen)
+    logp = lr.actor.log_prob(obs[idx], lr.offline["actions"][idx])
+    assert torch.allclose(filtered, -(good[idx].float() * logp).mean())
+    # the gradient pulls the mean towards the kept demos (0.5) only: one step raises it
+    before = lr.actor.dist(obs).mean.mean().item()
+    opt = torch.optim.SGD(lr.actor.parameters(), lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        lr.bc_loss(64).backward()
+        opt.step()
+    assert lr.actor.dist(obs).mean.mean().item() > before + 0.05
+    # off (the default): every row counts
+    assert _learner(bc_coef=1.0).bc_keep(obs, lr.offline["actions"]) is None
+
+
 def test_a_round_is_its_gradient_steps_on_the_mixed_minibatches():
     """update_replay = gradient_step on each minibatch the round draws (the step bench/sac_step_cost.py times)."""
     from offrl.algos.replay import mixed_batch
