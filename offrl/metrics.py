@@ -69,6 +69,7 @@ ENTROPY = "losses/entropy"
 CRITIC_LOSS = "losses/critic_loss"
 BC_LOSS = "losses/bc_loss"
 BC_WEIGHT = "charts/bc_weight"                      # the DAPG term's weight this round (bc_coef * bc_decay**round)
+BC_KEPT = "charts/bc_kept"                          # sac with bc_q_filter: share of demo rows the Q filter keeps
 REF_KL = "losses/ref_kl"                             # KL(start policy || policy) on the minibatches (ref_kl_coef > 0)
 OFFLINE_FRACTION = "charts/offline_fraction"
 GRAD_STEPS = "charts/grad_steps"

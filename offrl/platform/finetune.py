@@ -291,7 +291,7 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
         bar.set_postfix(success=f"{last['success_at_end']['mean']:.2f}")
         names = {"policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "approx_kl": M.APPROX_KL,
                  "clipfrac": M.CLIPFRAC, "entropy": M.ENTROPY, "critic_loss": M.CRITIC_LOSS,
-                 "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "bc_weight": M.BC_WEIGHT,
+                 "epochs": M.UPDATE_EPOCHS, "bc_loss": M.BC_LOSS, "bc_weight": M.BC_WEIGHT, "bc_kept": M.BC_KEPT,
                  "offline_frac": M.OFFLINE_FRACTION, "ref_kl": M.REF_KL,
                  "grad_steps": M.GRAD_STEPS, "alpha": M.SAC_ALPHA, "q_mean": M.Q_MEAN,
                  "actor_steps": M.SAC_ACTOR_STEPS,
