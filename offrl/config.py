@@ -625,6 +625,10 @@ class FinetuneConfig(_Checked):
     her_min_move: float = _f(0.0, "her_relabel: drop the relabelled copies whose goal is closer than this (m) to "
                                   "where the object is at the transition's start (goals reached by holding "
                                   "still); 0 keeps every copy (HER).")
+    her_move_from: Literal["transition", "episode"] = _f(
+        "transition", "her_min_move measures from where the object is at the transition's start (transition), "
+                      "or at its episode's start (episode: only goals reached without ever moving the object are "
+                      "dropped; an object carried to a spot and held still there keeps that spot as a goal).")
     bc_coef: float = _f(0.0, "Behaviour-cloning term on offline minibatches added to every actor loss: "
                              "bc_coef * -log pi(a_demo | s_demo) (DAPG, Rajeswaran et al. 2018); 0: off.")
     bc_decay: float = _f(1.0, "Per-round decay of the DAPG term: round k (from 0) weighs it bc_coef * bc_decay**k "

@@ -93,26 +93,42 @@ class GoalRelabeller:
             end[t] = np.where(done[t], t, end[t + 1])
         return end
 
+    @staticmethod
+    def episode_starts(done: np.ndarray) -> np.ndarray:
+        """``[T, N]``: the first step of the episode each step belongs to, within the round (an episode that
+        began in an earlier round starts at the round's first step here)."""
+        start = np.empty(done.shape, np.int64)
+        start[0] = 0
+        for t in range(1, done.shape[0]):
+            start[t] = np.where(done[t - 1], t, start[t - 1])
+        return start
+
     def relabel(self, data: Mapping[str, np.ndarray], copies: int, rng: np.random.Generator,
-                min_move: float = 0.0) -> tuple[dict[str, torch.Tensor], float]:
+                min_move: float = 0.0, move_from: str = "transition") -> tuple[dict[str, torch.Tensor], float]:
         """``copies`` relabelled versions of every transition of a round (arrays ``[T, N, ...]`` with obs,
         actions, raw_actions, logprob, next_obs, terminated, truncated), flat in the replay batch contract,
         and the share of them that reach their new goal. Each copy's goal is the object's position after a
         step drawn uniformly from this one to the end of its episode (HER's "future" goals, the same step
         included: that copy always counts as reached when the robot is static). ``min_move > 0`` drops the
         copies whose goal lies within ``min_move`` of where the object is at the transition's start (goals the
-        episode never moved the object to: "reached" there by holding still)."""
+        episode never moved the object to: "reached" there by holding still); with ``move_from="episode"``,
+        of where it was at its episode's start (the first step of the episode in this round) instead, so a
+        goal the object was carried to and held still at stays, and only "reached without moving it" goes."""
         obs, nxt = data["obs"], data["next_obs"]
         T, N = obs.shape[:2]
-        end = self.episode_ends(np.asarray(data["terminated"]) | np.asarray(data["truncated"]))
+        done = np.asarray(data["terminated"]) | np.asarray(data["truncated"])
+        end = self.episode_ends(done)
         t = np.arange(T)[:, None]
         cols = np.broadcast_to(np.arange(N)[None, :], (T, N))
+        if move_from not in ("transition", "episode"):
+            raise ValueError(f"move_from must be 'transition' or 'episode', got {move_from!r}")
+        ref = obs[..., self.pos] if move_from == "transition" else obs[self.episode_starts(done), cols][..., self.pos]
         parts: dict[str, list] = {k: [] for k in ("obs", "actions", "raw_actions", "logprob", "rewards",
                                                   "next_obs", "terminated")}
         for _ in range(int(copies)):
             fut = t + np.floor(rng.random((T, N)) * (end - t + 1)).astype(np.int64)
             goal = nxt[fut, cols][..., self.pos]                                   # [T, N, 3]
-            keep = np.linalg.norm(goal - obs[..., self.pos], axis=-1) >= min_move if min_move > 0 else \
+            keep = np.linalg.norm(goal - ref, axis=-1) >= min_move if min_move > 0 else \
                 np.ones((T, N), bool)
             hit = self.success(nxt, goal)
             parts["obs"].append(self.with_goal(obs, goal)[keep])

@@ -81,6 +81,34 @@ def test_min_move_drops_the_goals_the_object_was_never_moved_to(rollout):
         np.testing.assert_array_equal(kept[k].numpy(), full[k].numpy()[moved])
 
 
+def test_episode_starts_within_a_round():
+    done = np.array([[0, 1], [1, 0], [0, 0], [0, 1], [0, 0]], bool)
+    np.testing.assert_array_equal(GoalRelabeller.episode_starts(done), [[0, 0], [0, 1], [2, 1], [2, 1], [2, 4]])
+
+
+def test_min_move_from_the_episode_start_keeps_goals_the_object_was_carried_to(rollout):
+    """her_move_from=episode: a copy goes only when its goal lies within min_move of where the object was at
+    its episode's start; goals the expert carried the cube to (and held it at) stay, where the
+    transition-start rule drops those held-still copies too."""
+    fields, out = rollout
+    rel = GoalRelabeller("PickCube-v1", fields)
+    full, _ = rel.relabel(out, 2, np.random.default_rng(0))
+    kept, _ = rel.relabel(out, 2, np.random.default_rng(0), min_move=0.025, move_from="episode")
+    T, N = out["obs"].shape[:2]
+    start = rel.episode_starts(out["terminated"] | out["truncated"])
+    origin = out["obs"][start, np.arange(N)[None, :]][..., rel.pos].reshape(1, T * N, 3)
+    goals = full["obs"].numpy()[:, rel.goal].reshape(2, T * N, 3)
+    moved = (np.linalg.norm(goals - origin, axis=-1) >= 0.025).reshape(-1)
+    assert 0 < len(kept["obs"]) == int(moved.sum()) < len(full["obs"])
+    for k in full:
+        np.testing.assert_array_equal(kept[k].numpy(), full[k].numpy()[moved])
+    # the held-still successes at a carried-to goal survive here; the transition rule drops every one of them
+    by_transition, _ = rel.relabel(out, 2, np.random.default_rng(0), min_move=0.025)
+    assert kept["rewards"].sum() > 0 and kept["rewards"].sum() > by_transition["rewards"].sum()
+    with pytest.raises(ValueError, match="move_from"):
+        rel.relabel(out, 1, np.random.default_rng(0), min_move=0.025, move_from="round")
+
+
 def test_unknown_task_and_bad_values_are_refused():
     with pytest.raises(ConfigError, match="finetune.her_relabel.*no goal layout known for PushCube-v1"):
         GoalRelabeller("PushCube-v1", [["agent/qpos", 0, 9]])
@@ -97,6 +125,8 @@ def test_unknown_task_and_bad_values_are_refused():
     for bad in ("-0.01", "nan", "inf"):
         with pytest.raises(ConfigError, match="her_min_move"):
             load_config(None, [f"finetune.her_min_move={bad}"])
+    with pytest.raises(ConfigError, match="her_move_from"):
+        load_config(None, ["finetune.her_move_from=round"])
 
 
 def test_cli_refuses_relabelling_off_the_replay_path(tmp_path):
