@@ -89,7 +89,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 PATHS = [("iql", "awr", ["finetune.replay=true"]),
          ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1"]),
          ("gae", "ppo", ["finetune.bc_coef=0.5"]),
-         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1"]),
+         ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1",
+                         "finetune.bc_coef=0.1", "finetune.bc_q_filter=true"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "env.reward_mode=sparse",
                          "finetune.her_relabel=2"])]
 
@@ -118,6 +119,8 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
         assert float(last["charts/sac_alpha"]) > 0 and last["charts/q_mean"] != ""
     if any(e.startswith("finetune.bc_coef") for e in extra):
         assert np.isfinite(float(last["losses/bc_loss"]))
+    if "finetune.bc_q_filter=true" in extra:  # the Q filter's kept share of the demo rows
+        assert 0 <= float(last["charts/bc_kept"]) <= 1 and rows[1]["charts/bc_kept"] == ""
     assert json.loads((run / "finetune_summary.json").read_text())["replay"] == ("finetune.replay=true" in extra)
 
 
@@ -216,7 +219,8 @@ def _same_weights(a, b):
 
 
 RESUMED = [("iql", "push_away", ["finetune.replay=true", "finetune.updates_per_round=4", "finetune.batch_size=32",
-                                  "env.reward_mode=sparse", "finetune.her_relabel=2"]),  # hindsight copies: loop rng
+                                  "env.reward_mode=sparse", "finetune.her_relabel=2", "finetune.her_min_move=0.01",
+                                  "finetune.her_move_from=episode"]),  # hindsight copies: loop rng
            ("mc", "ppo", ["finetune.bc_coef=0.2", "finetune.bc_decay=0.9"]),  # re-rollouts: the hosts rebuild
            # their sims at the reset; the DAPG weight decays with the round counter
            ("sarsa", "recap", ["finetune.recap_cfg_weight=1.0"]),
