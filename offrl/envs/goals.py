@@ -122,7 +122,9 @@ class GoalRelabeller:
         cols = np.broadcast_to(np.arange(N)[None, :], (T, N))
         if move_from not in ("transition", "episode"):
             raise ValueError(f"move_from must be 'transition' or 'episode', got {move_from!r}")
-        ref = obs[..., self.pos] if move_from == "transition" else obs[self.episode_starts(done), cols][..., self.pos]
+        if min_move > 0:  # where the object is measured from: the transition's start or its episode's
+            origin = obs if move_from == "transition" else obs[self.episode_starts(done), cols]
+            ref = origin[..., self.pos]
         parts: dict[str, list] = {k: [] for k in ("obs", "actions", "raw_actions", "logprob", "rewards",
                                                   "next_obs", "terminated")}
         for _ in range(int(copies)):

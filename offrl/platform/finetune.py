@@ -337,8 +337,8 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             if fc.replay:
                 learner.replay.add(batch)
                 if relabeller is not None:  # hindsight copies of the round (rng: the loop's, checkpointed)
-                    her, row[M.HER_REACHED] = relabeller.relabel(data, fc.her_relabel, rng,
-                                                                         fc.her_min_move, fc.her_move_from)
+                    her, row[M.HER_REACHED] = relabeller.relabel(data, fc.her_relabel, rng, fc.her_min_move,
+                                                                 fc.her_move_from)
                     her["rewards"] = add_success_bonus(her["rewards"], her["terminated"], her["terminated"], bonus)
                     learner.replay.add(her)
                 m = learner.update_replay(train_actor=train_actor)
