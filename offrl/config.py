@@ -674,6 +674,10 @@ class FinetuneConfig(_Checked):
                                  "updates_per_round gradient steps, the critics on every one (RLPD's update-to-data "
                                  "ratio: several critic steps per actor step). K=4 with updates_per_round=800 keeps "
                                  "the actor's 200 steps a round and gives the critics four times as many.")
+    n_step: int = _f(1, "sac: n-step TD targets. Online rows (within a round) and offline rows (within an episode) "
+                        "sum n rewards discounted and bootstrap gamma^n later, fewer steps where the episode or "
+                        "the round ends first; relabelled (her_relabel) copies stay one-step. Uncorrected for the "
+                        "behaviour policy, as Rainbow and DrQ-v2 run it; 1 is plain SAC.")
     sac_bound_coef: float = _f(1.0, "sac: weight of the penalty ||mu - clip(mu)||^2 that keeps the actor's mean "
                                     "near the action bounds (clip squashing; 0 disables).")
     eval_every: int = _f(5, "Deterministic evaluation every K rounds (and before the first and after the last).")
@@ -682,7 +686,7 @@ class FinetuneConfig(_Checked):
     def check(self) -> None:
         for name in ("iterations", "steps_per_iter", "epochs", "minibatches", "mc_samples", "eval_every",
                      "eval_episodes", "updates_per_round", "batch_size", "replay_size", "sac_ensemble",
-                     "sac_actor_every"):
+                     "sac_actor_every", "n_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda", "expectile"):
@@ -754,6 +758,8 @@ class FinetuneConfig(_Checked):
                                          "off-policy replay path learns from correctly: set finetune.replay=true")
         if self.her_relabel > 0 and not self.replay:
             raise ConfigError("her_relabel", "relabelled transitions go into the replay buffer: set finetune.replay=true")
+        if self.n_step > 1 and self.update != "sac":
+            raise ConfigError("n_step", f"n-step targets are implemented for update sac only, got {self.update}")
         if self.update == "sac":
             if not self.replay:
                 raise ConfigError("update", "sac trains off-policy: set finetune.replay=true")

@@ -8,8 +8,10 @@ anything, the whole minibatch is offline.
 
 Batch contract (flat ``[B]`` unless noted, as :class:`offrl.algos.finetune.FinetuneLearner` reads it):
 obs ``[B, d]``, actions ``[B, a]`` (as executed), raw_actions ``[B, a]`` (the sample whose log-prob is
-``logprob``), logprob, rewards, next_obs ``[B, d]``, terminated (bool). :func:`mixed_batch` adds
-``offline`` (bool), which marks the rows drawn from the offline data.
+``logprob``), logprob, rewards, next_obs ``[B, d]``, terminated (bool), and the optional ``nsteps``: the number of
+environment steps between ``obs`` and ``next_obs`` (1 where a batch leaves it out; :func:`n_step` makes
+rows of several). :func:`mixed_batch` adds ``offline`` (bool), which marks the rows drawn from the offline
+data.
 """
 
 from __future__ import annotations
@@ -18,15 +20,50 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-FIELDS = ("obs", "actions", "raw_actions", "logprob", "rewards", "next_obs", "terminated")
+REQUIRED = ("obs", "actions", "raw_actions", "logprob", "rewards", "next_obs", "terminated")
+FIELDS = (*REQUIRED, "nsteps")
+
+
+def _with_defaults(batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``batch`` with ``nsteps`` filled in as 1 where it is absent (a one-step transition)."""
+    if "nsteps" in batch:
+        return batch
+    return {**batch, "nsteps": torch.ones(batch["obs"].shape[0])}
+
+
+def n_step(rewards: torch.Tensor, terminated: torch.Tensor, ends: torch.Tensor, next_obs: torch.Tensor,
+           n: int, gamma: float) -> dict[str, torch.Tensor]:
+    """n-step transitions of time-major arrays ``[T, N, ...]`` (one column per env; a flat list of whole
+    episodes is ``[T, 1]``): row ``(t, i)`` gets ``rewards = sum_{j<k} gamma^j r_{t+j}``, the ``next_obs`` and
+    ``terminated`` of step ``t+k-1`` and ``nsteps = k``, where ``k <= n`` stops early at the end of the episode
+    (``ends``: terminated or truncated) and at the end of the arrays. The TD target of such a row is
+    ``rewards + gamma^nsteps (1 - terminated) V(next_obs)``: the reward reaches ``k`` steps back at once
+    (uncorrected for the behaviour policy, as in Rainbow and DrQ-v2)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    T = rewards.shape[0]
+    ret = rewards.clone().float()
+    nxt, term = next_obs.clone(), terminated.clone().bool()
+    steps = torch.ones_like(ret)
+    alive = ~ends.bool()
+    for j in range(1, min(n, T)):
+        go = torch.zeros_like(alive)
+        go[: T - j] = alive[: T - j]               # the episode goes on past step t+j-1 and t+j is in the arrays
+        ret[: T - j] += go[: T - j] * gamma ** j * rewards[j:]
+        nxt[: T - j][go[: T - j]] = next_obs[j:][go[: T - j]]
+        term[: T - j] = torch.where(go[: T - j], terminated[j:].bool(), term[: T - j])
+        steps[: T - j] += go[: T - j].float()
+        alive = go.clone()
+        alive[: T - j] &= ~ends[j:].bool()
+    return {"rewards": ret, "next_obs": nxt, "terminated": term, "nsteps": steps}
 
 
 def _check_fields(batch: Mapping[str, torch.Tensor], what: str) -> int:
-    missing = [k for k in FIELDS if k not in batch]
+    missing = [k for k in REQUIRED if k not in batch]
     if missing:
         raise ValueError(f"{what} lacks {', '.join(missing)}")
     n = batch["obs"].shape[0]
-    bad = {k: tuple(batch[k].shape) for k in FIELDS if batch[k].shape[0] != n}
+    bad = {k: tuple(batch[k].shape) for k in FIELDS if k in batch and batch[k].shape[0] != n}
     if bad:
         raise ValueError(f"{what}: fields disagree on the number of rows ({n} obs rows): {bad}")
     return n
@@ -40,7 +77,7 @@ class ReplayBuffer:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = int(capacity)
         shapes = {"obs": (obs_dim,), "actions": (act_dim,), "raw_actions": (act_dim,), "logprob": (),
-                  "rewards": (), "next_obs": (obs_dim,), "terminated": ()}
+                  "rewards": (), "next_obs": (obs_dim,), "terminated": (), "nsteps": ()}
         self.data = {k: torch.zeros((self.capacity, *s), dtype=torch.bool if k == "terminated" else torch.float32)
                      for k, s in shapes.items()}
         self.size = 0   # rows held
@@ -53,6 +90,7 @@ class ReplayBuffer:
     def add(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Append the rows of a flat batch (at most the last ``capacity`` are kept)."""
         n = _check_fields(batch, "replay batch")
+        batch = _with_defaults(batch)
         start = max(0, n - self.capacity)
         idx = (self.pos + torch.arange(n - start)) % self.capacity
         for k in FIELDS:
@@ -81,6 +119,7 @@ class ReplayBuffer:
         n = int(rows["obs"].shape[0])
         if n > self.capacity:
             raise ValueError(f"saved replay holds {n} rows, more than the capacity {self.capacity}")
+        rows = _with_defaults(rows)  # checkpoints written before nsteps existed hold one-step rows
         for k in FIELDS:
             self.data[k][:n] = rows[k]
         self.size, self.pos, self.added = n, n % self.capacity, int(state["added"])
@@ -105,6 +144,7 @@ def mixed_batch(replay: ReplayBuffer, offline: Optional[Mapping[str, torch.Tenso
     n_off, n_on = offline_counts(batch_size, offline_ratio, len(replay))
     m = offline["obs"].shape[0]
     idx = torch.randint(0, m, (n_off,), generator=generator)
+    offline = _with_defaults(offline)
     parts = [{k: offline[k][idx] for k in FIELDS}]
     if n_on:
         parts.append(replay.sample(n_on, generator))

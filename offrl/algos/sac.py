@@ -7,7 +7,9 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
   ``y = r + gamma (1 - term) (min_{i in Z} Q_target,i(s', a') - alpha log pi(a' | s'))`` with
   ``a' ~ pi(. | s')`` and ``Z`` a random subset of ``M`` target heads (random ensemble distillation, REDQ);
   ``finetune.sac_backup_entropy: false`` drops the ``- alpha log pi`` term from the target (RLPD's ManiSkill
-  configs do), so the temperature shapes the actor but never the 0/1 reward's Q values;
+  configs do), so the temperature shapes the actor but never the 0/1 reward's Q values; with
+  ``finetune.n_step: n > 1`` the rows are n-step transitions (:func:`offrl.algos.replay.n_step`) and the
+  discount of each row is ``gamma^nsteps`` (the entropy term only at the bootstrap state);
 * the actor on ``L = E_s[ alpha log pi(a~ | s) - mean_i Q_i(s, a~) ]`` with the reparameterised sample
   ``a~ = mu(s) + sigma eps`` (log-prob of the unclipped sample, as :class:`offrl.algos.networks.GaussianActor`
   defines it for ``squash="clip"``). The critics see ``a~`` clipped into the bounds, with a straight-through
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -145,10 +147,11 @@ def out_of_bounds(actor: GaussianActor, obs: torch.Tensor) -> torch.Tensor:
 
 
 def sac_critic_target(critics: SACCritics, actor: GaussianActor, rewards: torch.Tensor, next_obs: torch.Tensor,
-                      terminated: torch.Tensor, gamma: float, subset: int,
+                      terminated: torch.Tensor, gamma: Union[float, torch.Tensor], subset: int,
                       generator: Optional[torch.Generator] = None, backup_entropy: bool = True) -> torch.Tensor:
     """y = r + gamma (1 - term) (min over a random subset of target heads - alpha log pi), ``[B]``;
-    without the entropy term when ``backup_entropy`` is false (RLPD's ManiSkill configs)."""
+    without the entropy term when ``backup_entropy`` is false (RLPD's ManiSkill configs). ``gamma`` may be a
+    ``[B]`` tensor: ``gamma^nsteps`` of n-step rows (:func:`offrl.algos.replay.n_step`)."""
     with torch.no_grad():
         a2, logp2 = _sample(actor, next_obs, generator)
         qs = critics.q_target(next_obs, a2)                                   # [E, B]
@@ -214,7 +217,8 @@ class SACLearner(RoundLearner):
         """One gradient step on minibatch ``b``: the critics, then (``train_actor``) actor and temperature.
         Runs on whatever device the modules and ``b`` are on (``bench/sac_step_cost.py`` times it)."""
         cfg, c = self.cfg, self.critics
-        y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], cfg.gamma,
+        gamma = cfg.gamma if "nsteps" not in b else cfg.gamma ** b["nsteps"]
+        y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], gamma,
                               cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
         qs = c.q(b["obs"], b["actions"])
         q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
 import numpy as np
 import torch
@@ -95,6 +95,16 @@ def _flat(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])))
 
 
+def _n_step_rows(data: Mapping[str, Any], n: int, gamma: float) -> dict[str, torch.Tensor]:
+    """``finetune.n_step``: the flat rewards, next_obs, terminated and nsteps of n-step rows (within episodes
+    and within the arrays) from time-major ``[T, N, ...]`` arrays (a round; or whole episodes as ``[M, 1]``)."""
+    from offrl.algos.replay import n_step
+
+    t = {k: torch.as_tensor(np.ascontiguousarray(data[k])) for k in ("rewards", "terminated", "ends", "next_obs")}
+    out = n_step(t["rewards"], t["terminated"], t["ends"], t["next_obs"], n, gamma)
+    return {k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for k, v in out.items()}
+
+
 def _round_seeds(seed: int, it: int, eval_every: int) -> tuple[Optional[int], int]:
     """(env reset seed or None, policy sampling seed) of round ``it``.
 
@@ -148,6 +158,10 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
     out = {"obs": obs, "actions": act, "raw_actions": act, "logprob": logp,
            "rewards": t["reward"].float() if reward else torch.zeros(len(obs)),
            "next_obs": t["next_obs"].float(), "terminated": t["terminated"].bool()}
+    if fc.n_step > 1 and reward:  # the episodes in order, one column: n-step rows never cross an episode's end
+        ends = t["terminated"] | t["truncated"] | t["last"]
+        out.update(_n_step_rows({"rewards": out["rewards"][:, None], "terminated": out["terminated"][:, None],
+                                 "ends": ends[:, None], "next_obs": out["next_obs"][:, None]}, fc.n_step, fc.gamma))
     log(f"[offrl] offline data: {len(ds)} episodes, {len(obs)} transitions from {path}"
         + (f", reward '{reward}'" if reward else ""))
     return out
@@ -335,6 +349,9 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             train_actor = not ((fc.advantage == "gae" or fc.update == "sac") and it <= fc.value_warmup_iters)
             t_upd = time.perf_counter()
             if fc.replay:
+                if fc.n_step > 1:
+                    batch = {**batch, **_n_step_rows({**data, "ends": data["terminated"] | data["truncated"]},
+                                                     fc.n_step, fc.gamma)}
                 learner.replay.add(batch)
                 if relabeller is not None:  # hindsight copies of the round (rng: the loop's, checkpointed)
                     her, row[M.HER_REACHED] = relabeller.relabel(data, fc.her_relabel, rng, fc.her_min_move,

@@ -8,7 +8,7 @@ import torch
 from offrl.algos.critics import Critics
 from offrl.algos.finetune import FinetuneLearner
 from offrl.algos.networks import GaussianActor
-from offrl.algos.replay import FIELDS, ReplayBuffer, mixed_batch, offline_counts
+from offrl.algos.replay import FIELDS, ReplayBuffer, mixed_batch, n_step, offline_counts
 from offrl.config import FinetuneConfig
 
 
@@ -42,6 +42,46 @@ def test_buffer_wraps_around_and_round_trips():
     assert sorted(big.data["obs"][:, 0].tolist()) == [4, 5] and big.added == 6
     with pytest.raises(ValueError, match="lacks"):
         buf.add({"obs": torch.zeros(2, 3)})
+
+
+def test_n_step_rows_stop_at_episode_ends_and_at_the_end_of_the_arrays():
+    """Two envs, six steps, n = 3, gamma 0.5. Env 0: an episode that terminates at t=3 (reward 1 there), then
+    one truncated at t=5. Env 1: one episode running past the arrays' end, reward 1 at t=2."""
+    r = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0], [0, 0], [0, 0]], dtype=torch.float32)
+    term = torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    ends = term | torch.tensor([[0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [1, 0]], dtype=torch.bool)
+    nxt = torch.stack([torch.arange(6) + 1 + 10 * torch.tensor(i) for i in range(2)], 1).float()[..., None]
+    o = n_step(r, term, ends, nxt, 3, 0.5)
+    assert o["nsteps"][:, 0].tolist() == [3, 3, 2, 1, 2, 1]          # env 0: episode ends cut the sums
+    assert o["rewards"][:, 0].tolist() == [0, 0.25, 0.5, 1, 0, 0]
+    assert o["next_obs"][:, 0, 0].tolist() == [3, 4, 4, 4, 6, 6]      # the last summed step's next_obs
+    assert o["terminated"][:, 0].tolist() == [False, True, True, True, False, False]
+    assert o["nsteps"][:, 1].tolist() == [3, 3, 3, 3, 2, 1]          # env 1: only the arrays' end cuts
+    assert o["rewards"][:, 1].tolist() == [0.25, 0.5, 1, 0, 0, 0]
+    assert o["next_obs"][:, 1, 0].tolist() == [13, 14, 15, 16, 16, 16]
+    assert not o["terminated"][:, 1].any()
+    one = n_step(r, term, ends, nxt, 1, 0.5)                          # n = 1 is the input unchanged
+    assert torch.equal(one["rewards"], r) and torch.equal(one["next_obs"], nxt) and (one["nsteps"] == 1).all()
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        n_step(r, term, ends, nxt, 0, 0.5)
+
+
+def test_nsteps_defaults_to_one_step_rows():
+    """Batches without nsteps (HER copies, old checkpoints, offline data at n = 1) hold one-step rows; given
+    ones are kept through add, the mix and a checkpoint round trip."""
+    buf = ReplayBuffer(10, 3, 2)
+    buf.add(_rows(3))
+    buf.add({**_rows(2, start=3), "nsteps": torch.tensor([3.0, 2.0])})
+    assert buf.data["nsteps"][:5].tolist() == [1, 1, 1, 3, 2]
+    st = buf.state_dict()
+    old = {"rows": {k: v for k, v in st["rows"].items() if k != "nsteps"}, "added": st["added"]}
+    other = ReplayBuffer(10, 3, 2)
+    other.load_state_dict(old)                                        # a checkpoint from before nsteps
+    assert other.data["nsteps"][:5].tolist() == [1] * 5
+    other.load_state_dict(st)
+    assert other.data["nsteps"][:5].tolist() == [1, 1, 1, 3, 2]
+    b = mixed_batch(buf, _rows(4, mark=2.0), 64, 0.5, torch.Generator().manual_seed(0))
+    assert (b["nsteps"][b["offline"]] == 1).all() and set(b["nsteps"][~b["offline"]].tolist()) <= {1.0, 2.0, 3.0}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])

@@ -52,6 +52,26 @@ def test_target_is_the_min_of_a_random_target_subset_minus_the_entropy_term():
     assert torch.allclose(y0[4:], b["rewards"][4:])
     assert torch.allclose(y0[:4], (b["rewards"] + 0.9 * qs[pick].min(0).values)[:4], atol=1e-6)
     assert not torch.allclose(y0[:4], y[:4])
+    # n-step rows (finetune.n_step): a per-row discount gamma^nsteps, the same heads and sample
+    k = torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    yk = sac_critic_target(lr.critics, lr.actor, b["rewards"], b["next_obs"], b["terminated"], 0.9 ** k, 2,
+                           torch.Generator().manual_seed(7))
+    soft = qs[pick].min(0).values - lr.critics.log_alpha.exp() * logp
+    assert torch.allclose(yk[:4], (b["rewards"] + 0.9 ** k * soft)[:4], atol=1e-6)
+    assert torch.allclose(yk[4:], b["rewards"][4:])
+
+
+def test_gradient_step_discounts_each_row_by_its_nsteps():
+    """A minibatch of two-step rows at gamma 0.9 trains exactly as one-step rows at gamma 0.81."""
+    g = torch.Generator().manual_seed(5)
+    b = _bandit(64, g)
+    b["terminated"][:32] = False
+    two, plain = _learner(gamma=0.9), _learner(gamma=0.81)
+    m2 = two.gradient_step({**b, "nsteps": torch.full((64,), 2.0)})
+    m1 = plain.gradient_step(b)
+    assert m2 == pytest.approx(m1, rel=1e-6)
+    m_one = _learner(gamma=0.9).gradient_step({**b, "nsteps": torch.ones(64)})
+    assert m_one["critic_loss"] != pytest.approx(m1["critic_loss"], rel=1e-6)
 
 
 def test_sac_learns_a_one_step_task():

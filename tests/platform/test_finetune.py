@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 
 from offrl.config import load_config
 from offrl.errors import OffrlError
@@ -92,7 +92,7 @@ PATHS = [("iql", "awr", ["finetune.replay=true"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1",
                          "finetune.bc_coef=0.1", "finetune.bc_q_filter=true"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "env.reward_mode=sparse",
-                         "finetune.her_relabel=2"])]
+                         "finetune.her_relabel=2", "finetune.n_step=3"])]
 
 
 @pytest.mark.parametrize("adv, upd, extra", PATHS, ids=[f"{a}-{u}-{'replay' if 'finetune.replay=true' in e else 'bc'}"
@@ -119,9 +119,40 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
         assert float(last["charts/sac_alpha"]) > 0 and last["charts/q_mean"] != ""
     if any(e.startswith("finetune.bc_coef") for e in extra):
         assert np.isfinite(float(last["losses/bc_loss"]))
+    if "finetune.n_step=3" in extra:  # each round: 32 online n-step rows ([T=8, N=4] flat), then 64 HER copies
+        from offrl.platform.checkpoint import load_state_tensors
+
+        k = load_state_tensors(run / "checkpoints" / "64", "replay")["nsteps"].reshape(2, 96)
+        assert (k[:, 32:] == 1).all()                                    # relabelled copies stay one-step
+        assert (k[:, 28:32] == 1).all() and (k[:, 24:28] <= 2).all()       # the round's end cuts the last steps
+        assert k[:, :32].max() == 3 and set(k.unique().tolist()) <= {1.0, 2.0, 3.0}
     if "finetune.bc_q_filter=true" in extra:  # the Q filter's kept share of the demo rows
         assert 0 <= float(last["charts/bc_kept"]) <= 1 and rows[1]["charts/bc_kept"] == ""
     assert json.loads((run / "finetune_summary.json").read_text())["replay"] == ("finetune.replay=true" in extra)
+
+
+def test_offline_rows_are_n_step_within_each_demo_episode(bc_iql_checkpoint, tmp_path):
+    """finetune.n_step=3 on the offline data: each row sums up to 3 rewards of its own episode, bootstraps from
+    the obs 3 steps on (fewer at the episode's end), and the rows' count and order stay those of n = 1."""
+    from offrl.platform.finetune import _load_start, load_offline
+
+    got = {}
+    for n in (1, 3):
+        cfg = _cfg(tmp_path, bc_iql_checkpoint, "gae", "sac", "finetune.replay=true", "env.reward_mode=sparse",
+                   f"finetune.n_step={n}", "finetune.gamma=0.5")
+        cfg, _, actor, _, _, start = _load_start(cfg, lambda *a: None)
+        got[n] = load_offline(cfg, start, actor, 0.0, need_rewards=True, log=lambda *a: None)
+    one, three = got[1], got[3]
+    assert torch.equal(one["obs"], three["obs"]) and "nsteps" not in one
+    k = three["nsteps"]
+    assert set(k.unique().tolist()) == {1.0, 2.0, 3.0}
+    ends = torch.nonzero(one["terminated"]).flatten()                  # the demos end at their success
+    assert (k[ends] == 1).all() and (three["rewards"][ends] == 1).all()
+    full = torch.nonzero(k == 3).flatten()
+    assert torch.equal(three["next_obs"][full], one["next_obs"][full + 2])
+    r = one["rewards"]
+    assert torch.allclose(three["rewards"][full], r[full] + 0.5 * r[full + 1] + 0.25 * r[full + 2])
+    assert torch.equal(three["terminated"][full], one["terminated"][full + 2])
 
 
 @pytest.mark.parametrize("adv, upd, per_round, kept", [("mc", "push_away", 8, 2), ("iql", "awr", 32, 2),
