@@ -49,7 +49,8 @@ def critic_view(ckpt, arch: dict, cfg: dict, actor=None):
     from offrl.platform.checkpoint import load_checkpoint
 
     critics = SACCritics(arch["obs_dim"], arch["act_dim"], cfg["critic"]["hidden"], cfg["critic"]["activation"],
-                         fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"])
+                         fc["sac_ensemble"], fc["sac_layer_norm"], fc["sac_init_alpha"],
+                         fc.get("sac_critic_bins", 0), fc.get("sac_value_range", (-2.0, 2.0)))
     load_checkpoint(ckpt, {"sac_critics": critics}, parts=["sac_critics"], restore_rng=False)
     if fc.get("sac_critic_obs", "full") == "actor":  # the Q ensemble saw the observation as the actor does
         from offrl.algos.networks import build_actor

@@ -674,6 +674,13 @@ class FinetuneConfig(_Checked):
                                  "updates_per_round gradient steps, the critics on every one (RLPD's update-to-data "
                                  "ratio: several critic steps per actor step). K=4 with updates_per_round=800 keeps "
                                  "the actor's 200 steps a round and gives the critics four times as many.")
+    sac_critic_bins: int = _f(0, "sac: 0 regresses each Q head on its TD target (mean squared error); K > 0 makes "
+                                 "each head a classifier over K bins spanning sac_value_range, trained by "
+                                 "cross-entropy on the target smeared by a Gaussian (HL-Gauss, Farebrother et al. "
+                                 "2024), Q the expected bin centre.")
+    sac_value_range: tuple[float, ...] = _f((-2.0, 2.0), "sac_critic_bins: the [low, high] span of the bins; TD "
+                                                           "targets outside it are clipped to it.")
+    sac_hl_sigma: float = _f(0.75, "sac_critic_bins: the Gaussian's std in bin widths (0.75: the paper's choice).")
     n_step: int = _f(1, "sac: n-step TD targets. Online rows (within a round) and offline rows (within an episode) "
                         "sum n rewards discounted and bootstrap gamma^n later, fewer steps where the episode or "
                         "the round ends first; relabelled (her_relabel) copies stay one-step. Uncorrected for the "
@@ -771,6 +778,15 @@ class FinetuneConfig(_Checked):
                 raise ConfigError("sac_tau", f"must be in (0, 1], got {self.sac_tau}")
             if self.sac_bound_coef < 0:
                 raise ConfigError("sac_bound_coef", f"must be >= 0, got {self.sac_bound_coef}")
+            if self.sac_critic_bins < 0 or self.sac_critic_bins == 1:
+                raise ConfigError("sac_critic_bins", f"must be 0 (regression) or >= 2, got {self.sac_critic_bins}")
+            if len(self.sac_value_range) != 2:
+                raise ConfigError("sac_value_range", f"needs [low, high], got {list(self.sac_value_range)}")
+            lo, hi = self.sac_value_range
+            if not lo < hi:
+                raise ConfigError("sac_value_range", f"needs low < high, got [{lo}, {hi}]")
+            if self.sac_hl_sigma <= 0:
+                raise ConfigError("sac_hl_sigma", f"must be > 0, got {self.sac_hl_sigma}")
         elif self.replay and self.advantage not in ("iql", "sarsa"):
             raise ConfigError("replay", f"the replay path trains critics off-policy, so it needs advantage iql or "
                                         f"sarsa, got {self.advantage} (GAE and MC are on-policy: use bc_coef)")

@@ -64,6 +64,7 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.bc_q_filter=maybe", "finetune.bc_q_filter", "true or false"),
     ("finetune.sac_actor_every=0", "finetune.sac_actor_every", ">= 1"),
     ("finetune.n_step=0", "finetune.n_step", ">= 1"),
+    ("finetune.sac_value_range=[0,nan]", "finetune.sac_value_range[1]", "finite number"),
     ("finetune.n_step=2.5", "finetune.n_step", "integer"),
     ("finetune.n_step=3", "finetune.n_step", "update sac only"),
     ("finetune.sac_actor_every=1.5", "finetune.sac_actor_every", "integer"),
@@ -158,6 +159,13 @@ def test_every_key_is_documented():
     (["finetune.update=sac"], "finetune.update", "set finetune.replay=true"),
     (["finetune.update=sac", "finetune.replay=true", "finetune.sac_subset=11"], "finetune.sac_subset", "[1, sac_ensemble=10]"),
     (["finetune.update=sac", "finetune.replay=true", "finetune.sac_init_alpha=0"], "finetune.sac_init_alpha", "> 0"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_critic_bins=1"], "finetune.sac_critic_bins", ">= 2"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_critic_bins=-3"], "finetune.sac_critic_bins", ">= 2"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_value_range=[1,1]"], "finetune.sac_value_range",
+     "low < high"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_value_range=[0]"], "finetune.sac_value_range",
+     "[low, high]"),
+    (["finetune.update=sac", "finetune.replay=true", "finetune.sac_hl_sigma=0"], "finetune.sac_hl_sigma", "> 0"),
 ])
 def test_finetune_combinations_that_cannot_work_are_refused(overrides, path, words):
     with pytest.raises(ConfigError) as e:

@@ -9,7 +9,10 @@ as the other replay rules (:func:`offrl.algos.replay.mixed_batch`):
   ``finetune.sac_backup_entropy: false`` drops the ``- alpha log pi`` term from the target (RLPD's ManiSkill
   configs do), so the temperature shapes the actor but never the 0/1 reward's Q values; with
   ``finetune.n_step: n > 1`` the rows are n-step transitions (:func:`offrl.algos.replay.n_step`) and the
-  discount of each row is ``gamma^nsteps`` (the entropy term only at the bootstrap state);
+  discount of each row is ``gamma^nsteps`` (the entropy term only at the bootstrap state); with
+  ``finetune.sac_critic_bins: K > 0`` each head classifies instead of regressing: K bins over
+  ``sac_value_range``, cross-entropy against the target's HL-Gauss histogram (:func:`hl_gauss_target`), Q the
+  expected bin centre (what the actor, the targets and the Q filter read);
 * the actor on ``L = E_s[ alpha log pi(a~ | s) - mean_i Q_i(s, a~) ]`` with the reparameterised sample
   ``a~ = mu(s) + sigma eps`` (log-prob of the unclipped sample, as :class:`offrl.algos.networks.GaussianActor`
   defines it for ``squash="clip"``). The critics see ``a~`` clipped into the bounds, with a straight-through
@@ -64,22 +67,48 @@ def ln_mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str = "
 
 
 class QEnsemble(nn.Module):
-    """``E`` Q(s, a) heads on normalised observations; ``forward`` returns ``[E, B]``."""
+    """``E`` Q(s, a) heads on normalised observations; ``forward`` returns ``[E, B]``.
+
+    With ``bins = K > 0`` each head is a classifier over ``K`` bins of equal width spanning ``value_range``
+    (HL-Gauss, Imani and White 2018; Farebrother et al. 2024): ``logits`` gives ``[E, B, K]`` and Q is the
+    expectation of the bin centres under its softmax; :func:`hl_gauss_target` is what the logits learn."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu",
-                 size: int = 10, layer_norm: bool = True):
+                 size: int = 10, layer_norm: bool = True, bins: int = 0,
+                 value_range: Sequence[float] = (-2.0, 2.0)):
         super().__init__()
         self.normalizer = RunningNorm(obs_dim)
-        self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, 1, hidden, activation, layer_norm) for _ in range(size)])
+        self.bins = int(bins)
+        self.heads = nn.ModuleList([ln_mlp(obs_dim + act_dim, max(self.bins, 1), hidden, activation, layer_norm)
+                                    for _ in range(size)])
         self.batched = False  # True: the batched forward (the same function; see _forward_batched)
         self.obs_keep: Optional[torch.Tensor] = None  # entries seen (1) and held at zero (0); None: all seen
+        if self.bins:
+            lo, hi = (float(v) for v in value_range)
+            self.register_buffer("edges", torch.linspace(lo, hi, self.bins + 1), persistent=False)
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    @property
+    def centres(self) -> torch.Tensor:
+        return (self.edges[1:] + self.edges[:-1]) / 2
+
+    def _out(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Each head's output, ``[E, B, max(bins, 1)]``."""
         o = self.normalizer(obs)
         x = torch.cat([o if self.obs_keep is None else o * self.obs_keep.to(o), actions], -1)
         if self.batched:
             return self._forward_batched(x)
-        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+        return torch.stack([h(x) for h in self.heads])
+
+    def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        if not self.bins:
+            raise ValueError("a regression Q ensemble (bins=0) has no logits")
+        return self._out(obs, actions)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        out = self._out(obs, actions)
+        if self.bins:
+            return out.softmax(-1) @ self.centres
+        return out.squeeze(-1)
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as the loop over heads, as one batched matrix product a layer: each layer's
@@ -97,16 +126,24 @@ class QEnsemble(nn.Module):
                 h = nn.functional.layer_norm(h, layer.normalized_shape, eps=layer.eps) * w.unsqueeze(1) + b
             else:
                 h = layer(h)                                                   # the activation, elementwise
-        return h.squeeze(-1)
+        return h
+
+
+def hl_gauss_target(y: torch.Tensor, edges: torch.Tensor, sigma: float) -> torch.Tensor:
+    """HL-Gauss: the mass a normal ``N(y, sigma^2)`` puts in each bin, renormalised to the bins' span, ``[B, K]``.
+    Its mean is ``y`` up to the clipping at the span's ends (tested)."""
+    cdf = torch.special.ndtr((edges.unsqueeze(0) - y.clamp(edges[0], edges[-1]).unsqueeze(1)) / sigma)
+    mass = cdf[:, 1:] - cdf[:, :-1]
+    return mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 class SACCritics(nn.Module):
     """The Q ensemble, its target copy and the log temperature (one module, one checkpoint part)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str, size: int,
-                 layer_norm: bool, init_alpha: float):
+                 layer_norm: bool, init_alpha: float, bins: int = 0, value_range: Sequence[float] = (-2.0, 2.0)):
         super().__init__()
-        self.q = QEnsemble(obs_dim, act_dim, hidden, activation, size, layer_norm)
+        self.q = QEnsemble(obs_dim, act_dim, hidden, activation, size, layer_norm, bins, value_range)
         self.q_target = copy.deepcopy(self.q)
         self.q_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
@@ -172,7 +209,7 @@ class SACLearner(RoundLearner):
         if cfg.offline_ratio > 0 and offline is None:
             raise ValueError("sac with offline_ratio > 0 needs offline data")
         self.critics = SACCritics(actor.obs_dim, actor.act_dim, critic_hidden, critic_activation, cfg.sac_ensemble,
-                                  cfg.sac_layer_norm, cfg.sac_init_alpha)
+                                  cfg.sac_layer_norm, cfg.sac_init_alpha, cfg.sac_critic_bins, cfg.sac_value_range)
         for m in (self.critics.q.normalizer, self.critics.q_target.normalizer):
             m.load_state_dict(actor.normalizer.state_dict())
         if cfg.sac_critic_obs == "actor":
@@ -220,8 +257,15 @@ class SACLearner(RoundLearner):
         gamma = cfg.gamma if "nsteps" not in b else cfg.gamma ** b["nsteps"]
         y = sac_critic_target(c, self.actor, b["rewards"], b["next_obs"], b["terminated"], gamma,
                               cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
-        qs = c.q(b["obs"], b["actions"])
-        q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
+        if c.q.bins:  # HL-Gauss: cross-entropy of each head's bins against the target's smoothed histogram
+            logits = c.q.logits(b["obs"], b["actions"])                       # [E, B, K]
+            width = float(c.q.edges[1] - c.q.edges[0])
+            p = hl_gauss_target(y, c.q.edges, cfg.sac_hl_sigma * width)
+            q_loss = -(p.unsqueeze(0) * logits.log_softmax(-1)).sum(-1).mean(1).sum()
+            qs = logits.detach().softmax(-1) @ c.q.centres
+        else:
+            qs = c.q(b["obs"], b["actions"])
+            q_loss = (qs - y.unsqueeze(0)).pow(2).mean(1).sum()
         self._step(self.critic_opt, q_loss, c.q.parameters(), "critic")
         c.polyak(cfg.sac_tau)
         m = {"critic_loss": float(q_loss.detach()), "q_mean": float(qs.detach().mean())}

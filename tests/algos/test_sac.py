@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offrl.algos.networks import GaussianActor
-from offrl.algos.sac import SACLearner, sac_critic_target
+from offrl.algos.sac import SACLearner, hl_gauss_target, sac_critic_target
 from offrl.config import FinetuneConfig
 
 
@@ -74,9 +74,11 @@ def test_gradient_step_discounts_each_row_by_its_nsteps():
     assert m_one["critic_loss"] != pytest.approx(m1["critic_loss"], rel=1e-6)
 
 
-def test_sac_learns_a_one_step_task():
-    """Q fits the reward and the actor's mean moves to the best action 0.5."""
-    lr = _learner(updates_per_round=400)
+@pytest.mark.parametrize("bins", [0, 51], ids=["regression", "hl_gauss"])
+def test_sac_learns_a_one_step_task(bins):
+    """Q fits the reward and the actor's mean moves to the best action 0.5, with regression heads and with
+    HL-Gauss classification heads (sac_critic_bins)."""
+    lr = _learner(updates_per_round=400, sac_critic_bins=bins, sac_value_range=(-2.5, 0.5))
     g = torch.Generator().manual_seed(1)
     lr.replay.add(_bandit(2048, g))
     obs = torch.randn(256, 2, generator=g)
@@ -88,6 +90,20 @@ def test_sac_learns_a_one_step_task():
     q = lr.critics.q(test["obs"], test["actions"]).mean(0)
     assert (q - test["rewards"]).pow(2).mean() < 0.02
     assert m["grad_steps"] == 400 and {"critic_loss", "policy_loss", "alpha", "entropy", "q_mean"} <= set(m)
+
+
+def test_hl_gauss_target_is_a_histogram_whose_mean_is_the_target():
+    edges = torch.linspace(-1.5, 1.5, 102)
+    width = float(edges[1] - edges[0])
+    y = torch.tensor([-1.2, -0.03, 0.0, 0.37, 0.95, 1.49, 2.5])
+    p = hl_gauss_target(y, edges, 0.75 * width)
+    centres = (edges[1:] + edges[:-1]) / 2
+    assert p.shape == (7, 101) and (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(7))
+    assert torch.allclose((p @ centres)[:5], y[:5], atol=1e-4)               # inside the span: the mean is y
+    assert (p @ centres)[6] < 1.5 and (p @ centres)[6] > 1.45                 # outside: clipped to the span
+    assert (p.argmax(-1)[:5] == torch.bucketize(y[:5], edges) - 1).all()      # the mode is y's own bin
+    wide = hl_gauss_target(y, edges, 3 * width)
+    assert ((wide > 1e-3).sum(-1) > (p > 1e-3).sum(-1)).all()                 # sigma sets how far it smears
 
 
 def test_temperature_falls_when_the_policy_is_more_random_than_the_target():
