@@ -90,7 +90,7 @@ PATHS = [("iql", "awr", ["finetune.replay=true"]),
          ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1"]),
          ("gae", "ppo", ["finetune.bc_coef=0.5"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1",
-                         "finetune.bc_coef=0.1", "finetune.bc_q_filter=true"]),
+                         "finetune.bc_coef=0.1", "finetune.bc_q_filter=true", "finetune.sac_critic_bins=21"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "env.reward_mode=sparse",
                          "finetune.her_relabel=2", "finetune.n_step=3"])]
 
