@@ -144,8 +144,7 @@ def mixed_batch(replay: ReplayBuffer, offline: Optional[Mapping[str, torch.Tenso
     n_off, n_on = offline_counts(batch_size, offline_ratio, len(replay))
     m = offline["obs"].shape[0]
     idx = torch.randint(0, m, (n_off,), generator=generator)
-    offline = _with_defaults(offline)
-    parts = [{k: offline[k][idx] for k in FIELDS}]
+    parts = [_with_defaults({k: offline[k][idx] for k in FIELDS if k in offline})]
     if n_on:
         parts.append(replay.sample(n_on, generator))
     out = {k: torch.cat([p[k].to(replay.data[k].dtype) for p in parts]) for k in FIELDS}
