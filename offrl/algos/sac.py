@@ -86,6 +86,7 @@ class QEnsemble(nn.Module):
         if self.bins:
             lo, hi = (float(v) for v in value_range)
             self.register_buffer("edges", torch.linspace(lo, hi, self.bins + 1), persistent=False)
+            self.bin_width = (hi - lo) / self.bins
 
     @property
     def centres(self) -> torch.Tensor:
@@ -259,8 +260,7 @@ class SACLearner(RoundLearner):
                               cfg.sac_subset, self.gen, cfg.sac_backup_entropy)
         if c.q.bins:  # HL-Gauss: cross-entropy of each head's bins against the target's smoothed histogram
             logits = c.q.logits(b["obs"], b["actions"])                       # [E, B, K]
-            width = float(c.q.edges[1] - c.q.edges[0])
-            p = hl_gauss_target(y, c.q.edges, cfg.sac_hl_sigma * width)
+            p = hl_gauss_target(y, c.q.edges, cfg.sac_hl_sigma * c.q.bin_width)
             q_loss = -(p.unsqueeze(0) * logits.log_softmax(-1)).sum(-1).mean(1).sum()
             qs = logits.detach().softmax(-1) @ c.q.centres
         else:

@@ -102,7 +102,7 @@ def _n_step_rows(data: Mapping[str, Any], n: int, gamma: float) -> dict[str, tor
 
     t = {k: torch.as_tensor(np.ascontiguousarray(data[k])) for k in ("rewards", "terminated", "ends", "next_obs")}
     out = n_step(t["rewards"], t["terminated"], t["ends"], t["next_obs"], n, gamma)
-    return {k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for k, v in out.items()}
+    return {k: v.flatten(0, 1) for k, v in out.items()}
 
 
 def _round_seeds(seed: int, it: int, eval_every: int) -> tuple[Optional[int], int]:
