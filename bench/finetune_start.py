@@ -2,9 +2,11 @@
 
 Builds (once; finished steps are skipped on a rerun) the data of ``tune_configs/finetune_start.yaml``:
 100 clean scripted PickCube-v1 demos, 100 episodes with action noise 0.3 and 100 with noise 0.1 (failures
-kept), their merge; then two ``bc+iql`` runs with the same BC actor (clean demos) whose critics differ only
-in their data: ``bc_iql_sparse_clean`` (the clean demos) and ``bc_iql_sparse_mix`` (the merge). Both critics
-are scored on a held-out test set of fresh noisy episodes (noise 0.3, failures kept, seeds no run saw),
+kept), their merge, and 1,000 clean demos (``clean1000``, whose first 100 episodes are ``clean``'s: the
+offline mix of RLPD's size that the README's "The lever is the offline data" runs use); then two
+``bc+iql`` runs with the same BC actor (clean demos) whose critics differ only in their data:
+``bc_iql_sparse_clean`` (the clean demos) and ``bc_iql_sparse_mix`` (the merge). Both critics are scored
+on a held-out test set of fresh noisy episodes (noise 0.3, failures kept, seeds no run saw),
 which is what finetuning shows them: actions other than the expert's.
 
 - ``td_error``: mean (Q(s, a) - r - gamma V(s') (1 - terminated))^2 with the critic's own V;
@@ -49,6 +51,7 @@ def main() -> int:
     sets = {"clean": ["collect.episodes=100"],
             "noisy03": ["collect.episodes=100", "seed=1", "collect.action_noise=0.3", "collect.keep_failures=true"],
             "noisy01": ["collect.episodes=100", "seed=2", "collect.action_noise=0.1", "collect.keep_failures=true"],
+            "clean1000": ["collect.episodes=1000"],
             "test03": [f"collect.episodes={args.test_episodes}", "seed=9", "collect.action_noise=0.3",
                        "collect.keep_failures=true"]}
     for name, extra in sets.items():
