@@ -653,6 +653,11 @@ class FinetuneConfig(_Checked):
                                   "as bc_kept, the share of rows kept). Needs bc_coef > 0.")
     offline_dataset: str = _f("", "Offline data for replay / bc_coef (empty: the start checkpoint's "
                                   "pretrain.dataset and pretrain.num_episodes).")
+    bc_dataset: str = _f("", "Data of the DAPG term (bc_coef) when it should differ from the offline mix's. "
+                             "Empty: the offline data (offline_dataset). 'start': what the start's actor was "
+                             "trained on (its pretrain.dataset and pretrain.num_episodes). Or a file. Lets the "
+                             "replay mix draw on clean + noisy + failed episodes while the term clones the demos "
+                             "only. Needs bc_coef > 0.")
     sac_ensemble: int = _f(10, "sac: Q networks in the ensemble (RLPD: 10).")
     sac_subset: int = _f(2, "sac: target heads whose minimum forms the TD target (RLPD/REDQ: 2).")
     sac_layer_norm: bool = _f(True, "sac: LayerNorm after every hidden layer of the Q networks (RLPD).")
@@ -734,6 +739,8 @@ class FinetuneConfig(_Checked):
         if self.bc_q_filter and (self.update != "sac" or self.bc_coef <= 0):
             raise ConfigError("bc_q_filter", f"needs update sac and bc_coef > 0 (got update {self.update}, "
                                              f"bc_coef {self.bc_coef})")
+        if self.bc_dataset and self.bc_coef <= 0:
+            raise ConfigError("bc_dataset", f"needs bc_coef > 0 (got {self.bc_coef}): it is the DAPG term's data")
         if self.rule_coef != 1.0 and self.update == "sac":
             raise ConfigError("rule_coef", "is not used by sac (its actor loss is SAC's own)")
         if self.ref_kl_coef > 0 and self.update == "sac":

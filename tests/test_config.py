@@ -62,6 +62,7 @@ def test_yaml_and_overrides(tmp_path):
     ("finetune.bc_decay=nan", "finetune.bc_decay", "finite number"),
     ("finetune.bc_q_filter=true", "finetune.bc_q_filter", "needs update sac and bc_coef > 0"),
     ("finetune.bc_q_filter=maybe", "finetune.bc_q_filter", "true or false"),
+    ("finetune.bc_dataset=start", "finetune.bc_dataset", "needs bc_coef > 0"),
     ("finetune.sac_actor_every=0", "finetune.sac_actor_every", ">= 1"),
     ("finetune.n_step=0", "finetune.n_step", ">= 1"),
     ("finetune.sac_value_range=[0,nan]", "finetune.sac_value_range[1]", "finite number"),

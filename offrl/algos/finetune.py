@@ -56,7 +56,9 @@ from offrl.errors import OffrlError
 class RoundLearner:
     """What the finetuning loop needs of every learner: round counters, the generator, replay rounds.
 
-    Subclasses set ``cfg``, ``replay`` and ``offline`` and call :meth:`_init_rounds`."""
+    Subclasses set ``cfg``, ``replay``, ``offline`` and ``bc_data`` and call :meth:`_init_rounds`."""
+
+    bc_data: Optional[Mapping[str, torch.Tensor]] = None  # the DAPG term's own rows (None: the offline data's)
 
     def _init_rounds(self, seed: int) -> None:
         self.gen = torch.Generator().manual_seed(int(seed))
@@ -89,10 +91,11 @@ class RoundLearner:
             return float(torch.distributions.kl_divergence(before, self.actor.dist(obs)).sum(-1).mean())
 
     def bc_loss(self, n: int) -> torch.Tensor:
-        """-mean log pi(a | s) over ``n`` offline rows drawn uniformly (the DAPG term); with
+        """-mean log pi(a | s) over ``n`` rows drawn uniformly from ``bc_data`` (``finetune.bc_dataset``) or,
+        without it, the offline data (the DAPG term); with
         ``bc_mean_only`` the std is a constant in it; rows that :meth:`bc_keep` weighs 0 add nothing (the
         mean stays over all ``n``, so the term's scale falls with the share of rows filtered out)."""
-        off = self.offline
+        off = self.offline if self.bc_data is None else self.bc_data
         idx = torch.randint(0, off["obs"].shape[0], (int(n),), generator=self.gen)
         obs, actions = off["obs"][idx], off["actions"][idx]
         logp = self.actor.log_prob(obs, actions, detach_std=self.cfg.bc_mean_only)
@@ -133,10 +136,11 @@ class FinetuneLearner(RoundLearner):
 
     def __init__(self, actor: GaussianActor, cfg: Any, value: Optional[VNet] = None,
                  critics: Optional[Critics] = None, seed: int = 0,
-                 offline: Optional[Mapping[str, torch.Tensor]] = None):
+                 offline: Optional[Mapping[str, torch.Tensor]] = None,
+                 bc_data: Optional[Mapping[str, torch.Tensor]] = None):
         self.cfg = cfg
         # offline transitions in the replay batch contract (logprob: the start policy's, see the loop)
-        self.offline = offline
+        self.offline, self.bc_data = offline, bc_data
         if (cfg.bc_coef > 0 or (cfg.replay and cfg.offline_ratio > 0)) and offline is None:
             raise ValueError("bc_coef > 0 and replay with offline_ratio > 0 need offline data")
         if cfg.update == "recap" and getattr(actor, "indicator", None) is None:

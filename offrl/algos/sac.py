@@ -205,8 +205,9 @@ class SACLearner(RoundLearner):
 
     def __init__(self, actor: GaussianActor, cfg: Any, critic_hidden: Sequence[int] = (256, 256),
                  critic_activation: str = "relu", seed: int = 0,
-                 offline: Optional[Mapping[str, torch.Tensor]] = None):
-        self.cfg, self.actor, self.offline = cfg, actor, offline
+                 offline: Optional[Mapping[str, torch.Tensor]] = None,
+                 bc_data: Optional[Mapping[str, torch.Tensor]] = None):
+        self.cfg, self.actor, self.offline, self.bc_data = cfg, actor, offline, bc_data
         if cfg.offline_ratio > 0 and offline is None:
             raise ValueError("sac with offline_ratio > 0 needs offline data")
         self.critics = SACCritics(actor.obs_dim, actor.act_dim, critic_hidden, critic_activation, cfg.sac_ensemble,

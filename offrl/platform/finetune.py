@@ -120,11 +120,11 @@ def _round_seeds(seed: int, it: int, eval_every: int) -> tuple[Optional[int], in
 
 
 def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, need_rewards: bool,
-                 log: Any) -> dict[str, torch.Tensor]:
+                 log: Any, key: str = "offline_dataset") -> dict[str, torch.Tensor]:
     """Offline transitions for the replay mix / BC term, in the replay batch contract.
 
-    The data is ``finetune.offline_dataset`` or the start checkpoint's own ``pretrain.dataset`` (and
-    ``num_episodes``). Rewards follow the finetuning env's ``reward_mode`` (``sparse``: the success flags)
+    The data is ``finetune.<key>`` (``offline_dataset``, or ``bc_dataset`` for the DAPG term's own rows) or,
+    where that is empty or ``start``, the start checkpoint's own ``pretrain.dataset`` (and ``num_episodes``). Rewards follow the finetuning env's ``reward_mode`` (``sparse``: the success flags)
     plus the same success bonus as the online data. ``logprob`` is the start policy's log-likelihood of the
     data's actions: the BC policy is the estimate of the data's behaviour policy (push-away's bound and the
     approx-KL metric use it).
@@ -132,16 +132,16 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
     from offrl.data.dataset import OfflineDataset
 
     fc = cfg.finetune
-    path, n = fc.offline_dataset, None
-    if not path:
+    path, n = getattr(fc, key), None
+    if not path or path == "start":
         from offrl.platform.checkpoint import checkpoint_json
 
         saved = checkpoint_json(start_ckpt, "config.json").get("pretrain", {})
         path, n = saved.get("dataset", ""), saved.get("num_episodes")
         if not path:
-            raise OffrlError(f"finetune.offline_dataset is empty and {start_ckpt} names no pretrain.dataset")
+            raise OffrlError(f"finetune.{key} is empty or 'start' and {start_ckpt} names no pretrain.dataset")
     if not Path(path).exists():
-        raise OffrlError(f"finetune offline data not found: {path} (set finetune.offline_dataset)")
+        raise OffrlError(f"finetune offline data not found: {path} (set finetune.{key})")
     ds = OfflineDataset.load(path)
     if n is not None and n < len(ds):
         ds = ds.subset(range(int(n)))
@@ -162,7 +162,7 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
         ends = t["terminated"] | t["truncated"] | t["last"]
         out.update(_n_step_rows({"rewards": out["rewards"][:, None], "terminated": out["terminated"][:, None],
                                  "ends": ends[:, None], "next_obs": out["next_obs"][:, None]}, fc.n_step, fc.gamma))
-    log(f"[offrl] offline data: {len(ds)} episodes, {len(obs)} transitions from {path}"
+    log(f"[offrl] {'offline' if key == 'offline_dataset' else 'DAPG term'} data: {len(ds)} episodes, {len(obs)} transitions from {path}"
         + (f", reward '{reward}'" if reward else ""))
     return out
 
@@ -205,6 +205,9 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
     offline = None
     if fc.bc_coef > 0 or ((fc.replay or fc.update == "recap") and fc.offline_ratio > 0):
         offline = load_offline(cfg, start_ckpt, actor, bonus, need_rewards=fc.replay, log=log)
+    bc_data = None
+    if fc.bc_coef > 0 and fc.bc_dataset:  # the DAPG term's own rows, apart from the offline mix
+        bc_data = load_offline(cfg, start_ckpt, actor, bonus, need_rewards=False, log=log, key="bc_dataset")
     relabeller = None
     if fc.her_relabel > 0:  # before any actor starts: a task without a known goal layout fails here
         from offrl.envs.goals import GoalRelabeller
@@ -224,9 +227,10 @@ def run_finetune_job(cfg: Any, log: Any = print, reporter: Optional[Callable[[in
             from offrl.algos.sac import SACLearner
 
             learner = SACLearner(actor, fc, list(cfg.critic.hidden), cfg.critic.activation, seed=cfg.seed,
-                                 offline=offline)
+                                 offline=offline, bc_data=bc_data)
         else:
-            learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed, offline=offline)
+            learner = FinetuneLearner(actor, fc, value=value, critics=critics, seed=cfg.seed, offline=offline,
+                                      bc_data=bc_data)
         rng = np.random.default_rng(cfg.seed)
         estimator = make_estimator(cfg, pool, bonus, rng)
         keeps = fc.keep_rounds > 1 and not fc.replay and fc.update in ("awr", "push_away")

@@ -153,6 +153,21 @@ def test_target_kl_ends_the_rounds_actor_steps_and_the_critics_go_on():
     assert out[0.05]["grad_steps"] == 300
 
 
+def test_dapg_term_draws_its_rows_from_bc_data_when_given():
+    """finetune.bc_dataset: the DAPG term's rows come from bc_data, not from the offline mix (the same draw)."""
+    g = torch.Generator().manual_seed(5)
+    mix, demos = _bandit(40, g), _bandit(30, g)
+    lr = _learner(bc_coef=1.0)
+    lr.offline = mix
+    for data in (mix, demos):
+        lr.bc_data = None if data is mix else demos
+        lr.gen.manual_seed(11)
+        got = lr.bc_loss(16)
+        idx = torch.randint(0, data["obs"].shape[0], (16,), generator=torch.Generator().manual_seed(11))
+        want = -lr.actor.log_prob(data["obs"][idx], data["actions"][idx]).mean()
+        assert torch.allclose(got, want)
+
+
 def test_bc_mean_only_moves_the_mean_as_the_full_term_does_and_leaves_the_std():
     """finetune.bc_mean_only: the DAPG term's gradient on the mean equals the full log-likelihood's; the std
     gets none of it (with the full term, demos closer than one std pull the std down)."""

@@ -87,7 +87,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 PATHS = [("iql", "awr", ["finetune.replay=true"]),
-         ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1"]),
+         ("sarsa", "push_away", ["finetune.replay=true", "finetune.bc_coef=0.1", "finetune.bc_dataset=start"]),
          ("gae", "ppo", ["finetune.bc_coef=0.5"]),
          ("gae", "sac", ["finetune.replay=true", "finetune.sac_ensemble=3", "finetune.value_warmup_iters=1",
                          "finetune.bc_coef=0.1", "finetune.bc_q_filter=true", "finetune.sac_critic_bins=21"]),
@@ -100,8 +100,10 @@ PATHS = [("iql", "awr", ["finetune.replay=true"]),
                                                         for a, u, e in PATHS])
 def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, ray_cluster):
     """The off-policy path (replay + offline mix, critics trained on it) and the DAPG term on the on-policy path."""
+    logs = []
     run = run_finetune_job(_cfg(tmp_path, bc_iql_checkpoint, adv, upd, "finetune.updates_per_round=5",
-                                "finetune.batch_size=32", *extra), log=lambda *a: None)
+                                "finetune.batch_size=32", *extra), log=logs.append)
+    assert any("DAPG term data" in line for line in logs) == ("finetune.bc_dataset=start" in extra)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["step"] for r in rows] == ["0", "32", "64"]
     last = rows[-1]
@@ -129,6 +131,31 @@ def test_replay_and_bc_paths_run(tmp_path, bc_iql_checkpoint, adv, upd, extra, r
     if "finetune.bc_q_filter=true" in extra:  # the Q filter's kept share of the demo rows
         assert 0 <= float(last["charts/bc_kept"]) <= 1 and rows[1]["charts/bc_kept"] == ""
     assert json.loads((run / "finetune_summary.json").read_text())["replay"] == ("finetune.replay=true" in extra)
+
+
+def test_dapg_term_data_can_differ_from_the_offline_mix(bc_iql_checkpoint, expert_dataset, tmp_path):
+    """finetune.bc_dataset: 'start' is the start actor's own data, a file is that file, the offline mix keeps
+    finetune.offline_dataset; a missing file is refused with the key named."""
+    from offrl.data.dataset import OfflineDataset
+    from offrl.platform.finetune import _load_start, load_offline
+
+    few = OfflineDataset.load(expert_dataset).subset(range(3)).save(tmp_path / "few.h5")
+
+    def rows(bc_dataset, key, log=lambda *a: None):
+        cfg = _cfg(tmp_path, bc_iql_checkpoint, "iql", "awr", "finetune.replay=true", "finetune.bc_coef=0.1",
+                   f"finetune.offline_dataset={few}", f"finetune.bc_dataset={bc_dataset}")
+        cfg, _, actor, _, _, start = _load_start(cfg, lambda *a: None)
+        return load_offline(cfg, start, actor, 0.0, need_rewards=key == "offline_dataset", log=log, key=key)
+
+    mix = rows("start", "offline_dataset")
+    logs = []
+    bc = rows("start", "bc_dataset", logs.append)
+    assert "DAPG term data: 20 episodes" in logs[0]
+    every = OfflineDataset.load(expert_dataset)
+    assert bc["obs"].shape[0] == every.num_steps > mix["obs"].shape[0] == every.subset(range(3)).num_steps
+    assert torch.equal(rows(few, "bc_dataset")["actions"], mix["actions"])
+    with pytest.raises(OffrlError, match="set finetune.bc_dataset"):
+        rows(tmp_path / "absent.h5", "bc_dataset")
 
 
 def test_offline_rows_are_n_step_within_each_demo_episode(bc_iql_checkpoint, tmp_path):
