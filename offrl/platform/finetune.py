@@ -124,8 +124,9 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
     """Offline transitions for the replay mix / BC term, in the replay batch contract.
 
     The data is ``finetune.<key>`` (``offline_dataset``, or ``bc_dataset`` for the DAPG term's own rows) or,
-    where that is empty or ``start``, the start checkpoint's own ``pretrain.dataset`` (and ``num_episodes``). Rewards follow the finetuning env's ``reward_mode`` (``sparse``: the success flags)
-    plus the same success bonus as the online data. ``logprob`` is the start policy's log-likelihood of the
+    where that is empty or ``start``, the start checkpoint's own ``pretrain.dataset`` (and ``num_episodes``).
+    Rewards follow the finetuning env's ``reward_mode`` (``sparse``: the success flags) plus the same success
+    bonus as the online data. ``logprob`` is the start policy's log-likelihood of the
     data's actions: the BC policy is the estimate of the data's behaviour policy (push-away's bound and the
     approx-KL metric use it).
     """
@@ -162,7 +163,8 @@ def load_offline(cfg: Any, start_ckpt: Path, actor: Any, success_bonus: float, n
         ends = t["terminated"] | t["truncated"] | t["last"]
         out.update(_n_step_rows({"rewards": out["rewards"][:, None], "terminated": out["terminated"][:, None],
                                  "ends": ends[:, None], "next_obs": out["next_obs"][:, None]}, fc.n_step, fc.gamma))
-    log(f"[offrl] {'offline' if key == 'offline_dataset' else 'DAPG term'} data: {len(ds)} episodes, {len(obs)} transitions from {path}"
+    what = "offline" if key == "offline_dataset" else "DAPG term"
+    log(f"[offrl] {what} data: {len(ds)} episodes, {len(obs)} transitions from {path}"
         + (f", reward '{reward}'" if reward else ""))
     return out
 
