@@ -651,8 +651,8 @@ class FinetuneConfig(_Checked):
                                   "only where the Q ensemble rates its action above the policy's mean action, "
                                   "so the demos stop pinning the actor where the critics found better (logged "
                                   "as bc_kept, the share of rows kept). Needs bc_coef > 0.")
-    offline_dataset: str = _f("", "Offline data for replay / bc_coef (empty: the start checkpoint's "
-                                  "pretrain.dataset and pretrain.num_episodes).")
+    offline_dataset: str = _f("", "Offline data for replay / bc_coef: a file, or empty (the same as 'start'): "
+                                  "the start checkpoint's pretrain.dataset and pretrain.num_episodes.")
     bc_dataset: str = _f("", "Data of the DAPG term (bc_coef) when it should differ from the offline mix's. "
                              "Empty: the offline data (offline_dataset). 'start': what the start's actor was "
                              "trained on (its pretrain.dataset and pretrain.num_episodes). Or a file. Lets the "
